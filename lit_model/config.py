@@ -1,0 +1,305 @@
+"""Model configuration: one plain dataclass, named presets (each with its source) and the HF `config.json` mapping."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+NormName = Literal["LayerNorm", "RMSNorm"]
+MLPName = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP"]
+
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox", "gemma", "phi3")
+
+
+@dataclass
+class Config:
+    """Architecture of a decoder-only transformer. Field names mirror Lit-GPT's; derived fields fill in when None.
+
+    `hf_repo` names the Hugging Face repository the preset was read from (empty for custom configs).
+    """
+
+    name: str = ""
+    hf_repo: str = ""
+    # The Hugging Face architecture this config converts to and from (one of SUPPORTED_HF_MODEL_TYPES).
+    hf_model_type: str = "llama"
+    block_size: int = 4096  # the longest sequence the model supports (RoPE cache, KV cache bound)
+    vocab_size: int = 50304  # rows of the embedding matrix (may exceed the tokenizer's vocabulary)
+    n_layer: int = 16
+    n_head: int = 32
+    n_embd: int = 4096
+    head_size: Optional[int] = None  # default n_embd // n_head; Gemma's differs
+    n_query_groups: Optional[int] = None  # key/value heads; n_head = MHA, 1 = MQA, else GQA
+    intermediate_size: Optional[int] = None  # default 4 * n_embd
+    rotary_percentage: float = 1.0  # fraction of head_size that RoPE rotates (Pythia: 0.25)
+    rope_base: float = 10000.0
+    # Llama 3.1 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
+    rope_adjustments: Optional[dict[str, float]] = None
+    parallel_residual: bool = False  # x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX)
+    bias: bool = False  # bias on every linear layer (GPT-NeoX)
+    attn_bias: bool = False  # bias on the query/key/value projections only (Qwen2)
+    norm_class_name: NormName = "RMSNorm"
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
+    mlp_class_name: MLPName = "LLaMAMLP"
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(n_embd)
+    tie_embeddings: bool = False  # the LM head shares the embedding matrix
+    sliding_window: Optional[int] = None  # each query attends to at most this many most recent keys (Mistral v0.1)
+
+    def __post_init__(self) -> None:
+        if self.head_size is None:
+            if self.n_head <= 0 or self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_size")
+            self.head_size = self.n_embd // self.n_head
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        problems = []
+        if self.hf_model_type not in SUPPORTED_HF_MODEL_TYPES:
+            problems.append(f"hf_model_type must be one of {SUPPORTED_HF_MODEL_TYPES}, got {self.hf_model_type!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "head_size", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_query_groups <= 0 or self.n_head % self.n_query_groups:
+            problems.append(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+        if not 0.0 < self.rotary_percentage <= 1.0:
+            problems.append(f"rotary_percentage must be in (0, 1], got {self.rotary_percentage}")
+        elif self.rope_n_elem % 2:
+            problems.append(f"the rotated part of a head ({self.rope_n_elem}) must be even")
+        if self.norm_class_name not in ("LayerNorm", "RMSNorm"):
+            problems.append(f"norm_class_name must be 'LayerNorm' or 'RMSNorm', got {self.norm_class_name!r}")
+        if self.mlp_class_name not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP"):
+            problems.append(f"mlp_class_name must be GptNeoxMLP, LLaMAMLP or GemmaMLP, got {self.mlp_class_name!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.rope_adjustments is not None:
+            missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"} - set(self.rope_adjustments)
+            if missing:
+                problems.append(f"rope_adjustments lacks {sorted(missing)}")
+        if problems:
+            raise ValueError(f"Invalid Config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def rope_n_elem(self) -> int:
+        """Number of channels per head that RoPE rotates."""
+        return int(self.rotary_percentage * self.head_size)
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_head // self.n_query_groups
+
+    # ---- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        """A preset by its exact name (the Hugging Face repository name, e.g. "Llama-2-7b-hf"), with overrides."""
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=5, cutoff=0.4)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"Unknown model preset {name!r}.{hint} Valid presets: {', '.join(sorted(PRESETS))}. "
+                "For a checkpoint with no preset, convert it from its config.json (Config.from_hf_config)."
+            )
+        kwargs = dict(PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        """Read a `model_config.yaml` written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No model config at {str(path)!r}. A checkpoint directory needs model_config.yaml.")
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown Config fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> "Config":
+        """The config stored in a checkpoint directory, with overrides."""
+        config = cls.from_file(Path(checkpoint_dir) / "model_config.yaml")
+        if overrides:
+            config = cls(**{**asdict(config), **overrides})
+        return config
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (the `model_config.yaml` of a checkpoint directory)."""
+        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "Config":
+        """Map a Hugging Face `config.json` (as a dict) of a supported architecture to a Config."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported model_type {model_type!r} in config.json. Supported: {', '.join(SUPPORTED_HF_MODEL_TYPES)}."
+            )
+        # transformers >= 5 nests rope_theta and the scaling inside `rope_parameters`; older files keep them flat.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        n_head = hf["num_attention_heads"]
+        kw: dict[str, Any] = dict(
+            name=name or hf.get("_name_or_path", "").split("/")[-1],
+            hf_model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=hf["hidden_size"],
+            n_query_groups=hf.get("num_key_value_heads") or n_head,
+            intermediate_size=hf["intermediate_size"],
+            block_size=hf.get("max_position_embeddings", 4096),
+            rope_base=float(rope_base),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("gemma",))),
+        )
+        if hf.get("head_dim"):
+            kw["head_size"] = hf["head_dim"]
+        if model_type == "gpt_neox":
+            kw.update(
+                norm_class_name="LayerNorm",
+                norm_eps=hf.get("layer_norm_eps", 1e-5),
+                mlp_class_name="GptNeoxMLP",
+                bias=True,
+                parallel_residual=hf.get("use_parallel_residual", True),
+                rotary_percentage=rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)),
+                gelu_approximate=_gelu_approximate(hf.get("hidden_act", "gelu")),
+            )
+        else:
+            kw.update(norm_eps=hf.get("rms_norm_eps", 1e-6), mlp_class_name="LLaMAMLP")
+            act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+            if model_type == "gemma":
+                kw.update(mlp_class_name="GemmaMLP", norm_unit_offset=True, scale_embeddings=True,
+                          gelu_approximate=_gelu_approximate(act))
+            elif act != "silu":
+                raise ValueError(f"{model_type} with hidden_act {act!r} is not supported (expected 'silu')")
+            if model_type in ("llama", "mistral"):
+                kw["attn_bias"] = bool(hf.get("attention_bias", False))
+            if model_type == "qwen2":
+                kw["attn_bias"] = True
+            partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+            kw["rotary_percentage"] = float(partial)
+        window = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            window = None
+        if window and window < kw["block_size"]:
+            kw["sliding_window"] = int(window)
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "llama3":
+                kw["rope_adjustments"] = {
+                    "factor": float(scaling["factor"]),
+                    "low_freq_factor": float(scaling["low_freq_factor"]),
+                    "high_freq_factor": float(scaling["high_freq_factor"]),
+                    "original_max_seq_len": int(scaling["original_max_position_embeddings"]),
+                }
+            elif kind not in (None, "default"):
+                raise ValueError(f"RoPE scaling {kind!r} is not supported (only 'llama3' frequency scaling is)")
+        return cls(**kw)
+
+
+def _gelu_approximate(act: str) -> Literal["none", "tanh"]:
+    if act in ("gelu", "gelu_python"):
+        return "none"
+    if act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return "tanh"
+    raise ValueError(f"Activation {act!r} is not supported for GELU MLPs")
+
+
+# ---- presets: name -> Config fields. The link is where each number was read from. -------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def _add(hf_repo: str, **kwargs: Any) -> None:
+    name = hf_repo.split("/")[-1]
+    PRESETS[name] = dict(name=name, hf_repo=hf_repo, **kwargs)
+
+
+# Llama 2: https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json (and 13b, 70b)
+_llama2 = dict(hf_model_type="llama", vocab_size=32000, block_size=4096, rope_base=10000.0, norm_eps=1e-5)
+for _suffix in ("hf", "chat-hf"):
+    _add(f"meta-llama/Llama-2-7b-{_suffix}", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, **_llama2)
+    _add(f"meta-llama/Llama-2-13b-{_suffix}", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, **_llama2)
+    _add(f"meta-llama/Llama-2-70b-{_suffix}", n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+         intermediate_size=28672, **_llama2)
+
+# Llama 3 / 3.1: https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json,
+# https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json (rope_scaling "llama3")
+_llama3 = dict(hf_model_type="llama", vocab_size=128256, rope_base=500000.0, norm_eps=1e-5, n_query_groups=8)
+_llama31_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+_llama32_rope = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+for _suffix in ("", "-Instruct"):
+    _add(f"meta-llama/Meta-Llama-3-8B{_suffix}", n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336,
+         block_size=8192, **_llama3)
+    _add(f"meta-llama/Meta-Llama-3-70B{_suffix}", n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
+         block_size=8192, **_llama3)
+    _add(f"meta-llama/Llama-3.1-8B{_suffix}", n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336,
+         block_size=131072, rope_adjustments=_llama31_rope, **_llama3)
+    _add(f"meta-llama/Llama-3.1-70B{_suffix}", n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
+         block_size=131072, rope_adjustments=_llama31_rope, **_llama3)
+    # Llama 3.2: https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (tied embeddings)
+    _add(f"meta-llama/Llama-3.2-1B{_suffix}", n_layer=16, n_head=32, n_embd=2048, head_size=64,
+         intermediate_size=8192, block_size=131072, tie_embeddings=True, rope_adjustments=_llama32_rope, **_llama3)
+    _add(f"meta-llama/Llama-3.2-3B{_suffix}", n_layer=28, n_head=24, n_embd=3072, head_size=128,
+         intermediate_size=8192, block_size=131072, tie_embeddings=True, rope_adjustments=_llama32_rope, **_llama3)
+
+# TinyLlama: https://huggingface.co/TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T/blob/main/config.json
+for _repo in ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"):
+    _add(_repo, hf_model_type="llama", n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632, vocab_size=32000,
+         block_size=2048, norm_eps=1e-5)
+
+# Mistral: https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json (sliding window 4096),
+# https://huggingface.co/mistralai/Mistral-7B-v0.3/blob/main/config.json (vocab 32768, rope 1e6, no window)
+_mistral = dict(hf_model_type="mistral", n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336, block_size=32768,
+                norm_eps=1e-5)
+for _repo in ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"):
+    _add(_repo, vocab_size=32000, rope_base=10000.0, sliding_window=4096, **_mistral)
+_add("mistralai/Mistral-7B-Instruct-v0.2", vocab_size=32000, rope_base=1000000.0, **_mistral)
+for _repo in ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3"):
+    _add(_repo, vocab_size=32768, rope_base=1000000.0, **_mistral)
+
+# Qwen2.5: https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json (and 1.5B, 3B, 7B; QKV bias)
+_qwen = dict(hf_model_type="qwen2", attn_bias=True, rope_base=1000000.0, norm_eps=1e-6, block_size=32768)
+for _suffix in ("", "-Instruct"):
+    _add(f"Qwen/Qwen2.5-0.5B{_suffix}", n_layer=24, n_head=14, n_embd=896, n_query_groups=2, intermediate_size=4864,
+         vocab_size=151936, tie_embeddings=True, **_qwen)
+    _add(f"Qwen/Qwen2.5-1.5B{_suffix}", n_layer=28, n_head=12, n_embd=1536, n_query_groups=2,
+         intermediate_size=8960, vocab_size=151936, tie_embeddings=True, **_qwen)
+    _add(f"Qwen/Qwen2.5-3B{_suffix}", n_layer=36, n_head=16, n_embd=2048, n_query_groups=2, intermediate_size=11008,
+         vocab_size=151936, tie_embeddings=True, **_qwen)
+    _add(f"Qwen/Qwen2.5-7B{_suffix}", n_layer=28, n_head=28, n_embd=3584, n_query_groups=4, intermediate_size=18944,
+         vocab_size=152064, **_qwen)
+
+# Pythia: https://huggingface.co/EleutherAI/pythia-14m/blob/main/config.json (and the others of the suite)
+_pythia = dict(hf_model_type="gpt_neox", block_size=2048, rotary_percentage=0.25, parallel_residual=True, bias=True, norm_class_name="LayerNorm",
+               norm_eps=1e-5, mlp_class_name="GptNeoxMLP")
+for _size, (_layers, _embd, _heads, _vocab) in {
+    "14m": (6, 128, 4, 50304), "31m": (6, 256, 8, 50304), "70m": (6, 512, 8, 50304), "160m": (12, 768, 12, 50304),
+    "410m": (24, 1024, 16, 50304), "1b": (16, 2048, 8, 50304), "1.4b": (24, 2048, 16, 50304),
+    "2.8b": (32, 2560, 32, 50304), "6.9b": (32, 4096, 32, 50432), "12b": (36, 5120, 40, 50688),
+}.items():
+    _add(f"EleutherAI/pythia-{_size}", n_layer=_layers, n_embd=_embd, n_head=_heads, vocab_size=_vocab, **_pythia)
+
+# Gemma: https://huggingface.co/google/gemma-2b/blob/main/config.json (MQA, head_dim 256, GeGLU tanh, tied)
+_gemma = dict(hf_model_type="gemma", vocab_size=256000, block_size=8192, head_size=256, norm_eps=1e-6, norm_unit_offset=True,
+              scale_embeddings=True, tie_embeddings=True, mlp_class_name="GemmaMLP", gelu_approximate="tanh")
+for _suffix in ("", "-it"):
+    _add(f"google/gemma-2b{_suffix}", n_layer=18, n_head=8, n_embd=2048, n_query_groups=1, intermediate_size=16384,
+         **_gemma)
+    _add(f"google/gemma-7b{_suffix}", n_layer=28, n_head=16, n_embd=3072, n_query_groups=16,
+         intermediate_size=24576, **_gemma)
+
+# Phi-3: https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json (fused qkv/gate_up in HF)
+_add("microsoft/Phi-3-mini-4k-instruct", hf_model_type="phi3", n_layer=32, n_head=32, n_embd=3072, intermediate_size=8192, vocab_size=32064,
+     block_size=4096, norm_eps=1e-5, sliding_window=2047)
+
+del _suffix, _repo, _size, _layers, _embd, _heads, _vocab
+
