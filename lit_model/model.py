@@ -43,10 +43,19 @@ class GPT(nn.Module):
         return self.transformer.h
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Optional[DropMask] = None
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        drop_mask: Optional[DropMask] = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T). See `hidden_states` for the arguments."""
-        return self.lm_head(self.hidden_states(idx, input_pos, drop_mask))
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T). See `hidden_states` for the arguments.
+
+        return_hidden: return the LM head's input (B, T, n_embd) instead, for a loss that applies the head in chunks
+            (training never materialises full logits). Going through `forward` keeps Fabric's precision wrapper.
+        """
+        hidden = self.hidden_states(idx, input_pos, drop_mask)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def hidden_states(
         self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Optional[DropMask] = None
