@@ -1,0 +1,43 @@
+"""Full fine-tuning: every weight trains and the whole model is saved. With no arguments: the offline demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
+
+
+def setup(
+    checkpoint_dir: Path = DEMO_CHECKPOINT,
+    out_dir: Path = Path("out/finetune/full"),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    seed: int = 1337,
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=5e-4),
+    eval: EvalArgs = EvalArgs(),
+) -> dict[str, float]:
+    """Fine-tune all weights of a model with AdamW; the final checkpoint (out_dir/final) is a full model.
+
+    Args:
+        checkpoint_dir: base model directory (lit_model.pth, model_config.yaml, tokenizer); default: the bundled demo.
+        out_dir: where logs, metrics and checkpoints go.
+        precision: Fabric precision: 32-true, bf16-true, bf16-mixed, 16-mixed (CUDA). Default: bf16-true on a GPU
+            with bf16, else 32-true.
+        devices: number of devices.
+        seed: random seed (data order, initialisation).
+        data: training data.
+        train: optimisation.
+        eval: evaluation.
+    """
+    job = FinetuneJob(
+        mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
+        data=data, train=train, eval=eval, hparams=dict(locals()),
+    )
+    return run(job)
+
+
+if __name__ == "__main__":
+    script_main(setup)

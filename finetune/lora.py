@@ -1,0 +1,49 @@
+"""Fine-tune with LoRA (and QLoRA with --quantize bnb.nf4). With no arguments: the offline demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.lora import LoRAConfig
+from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
+
+
+def setup(
+    checkpoint_dir: Path = DEMO_CHECKPOINT,
+    out_dir: Path = Path("out/finetune/lora"),
+    precision: Optional[str] = None,
+    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]] = None,
+    devices: int = 1,
+    seed: int = 1337,
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=2e-3),
+    eval: EvalArgs = EvalArgs(),
+    lora: LoRAConfig = LoRAConfig(),
+) -> dict[str, float]:
+    """Fine-tune a model with LoRA adapters; only the adapters train and only they are saved (out_dir/final).
+
+    Args:
+        checkpoint_dir: base model directory (lit_model.pth, model_config.yaml, tokenizer); default: the bundled demo.
+        out_dir: where logs, metrics and checkpoints go.
+        precision: Fabric precision: 32-true, bf16-true, bf16-mixed, 16-mixed (CUDA). Default: bf16-true on a GPU
+            with bf16, else 32-true.
+        quantize: store the frozen base weights in 4 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq (double
+            quantization), bnb.fp4, bnb.fp4-dq.
+        devices: number of devices.
+        seed: random seed (data order, initialisation).
+        data: training data.
+        train: optimisation.
+        eval: evaluation.
+        lora: LoRA rank, alpha, dropout and target layers.
+    """
+    job = FinetuneJob(
+        mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
+        data=data, train=train, eval=eval, lora=lora, quantize=quantize, hparams=dict(locals()),
+    )
+    return run(job)
+
+
+if __name__ == "__main__":
+    script_main(setup)

@@ -1,0 +1,142 @@
+"""Argument groups shared by the fine-tuning scripts. Each dataclass is one `--group.field` block of the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings.
+
+    Args:
+        global_batch_size: samples per optimizer step (across devices); a multiple of micro_batch_size * devices.
+        micro_batch_size: samples per forward/backward; gradients accumulate over global / (micro * devices) steps.
+        max_steps: optimizer steps to run; when None, `epochs` decides.
+        epochs: passes over the training data (used when max_steps is None).
+        learning_rate: peak learning rate of AdamW.
+        min_lr_ratio: the cosine schedule decays to learning_rate * min_lr_ratio.
+        lr_warmup_steps: linear warm-up steps from 0 to learning_rate.
+        weight_decay: AdamW weight decay.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        max_norm: clip the gradient norm to this value (None: no clipping).
+        max_seq_length: truncate samples to this many tokens (None: the model's block_size).
+        activation_checkpointing: recompute every k-th block in the backward (0: off, 1: every block).
+        offload_activations: keep checkpointed block inputs in CPU memory between forward and backward.
+        log_interval: steps between progress-bar/metric updates.
+        save_interval: steps between checkpoints (None: only the final one).
+    """
+
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    max_steps: Optional[int] = None
+    epochs: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    lr_warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_norm: Optional[float] = 1.0
+    max_seq_length: Optional[int] = None
+    activation_checkpointing: int = 0
+    offload_activations: bool = False
+    log_interval: int = 1
+    save_interval: Optional[int] = None
+
+    def problems(self, devices: int = 1) -> list[str]:
+        """Everything wrong with these settings, as messages (empty when valid)."""
+        out = []
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "log_interval"):
+            if getattr(self, name) <= 0:
+                out.append(f"--train.{name} must be positive, got {getattr(self, name)}")
+        if self.micro_batch_size > 0 and self.global_batch_size % (self.micro_batch_size * devices):
+            out.append(
+                f"--train.global_batch_size ({self.global_batch_size}) must be a multiple of --train.micro_batch_size "
+                f"({self.micro_batch_size}) x devices ({devices})"
+            )
+        if self.max_steps is not None and self.max_steps <= 0:
+            out.append(f"--train.max_steps must be positive or None, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            out.append(f"--train.learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"--train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr_warmup_steps < 0 or self.weight_decay < 0:
+            out.append("--train.lr_warmup_steps and --train.weight_decay must be >= 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            out.append(f"--train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.max_norm is not None and self.max_norm <= 0:
+            out.append(f"--train.max_norm must be positive or None, got {self.max_norm}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            out.append(f"--train.max_seq_length must be at least 2, got {self.max_seq_length}")
+        if self.activation_checkpointing < 0:
+            out.append(f"--train.activation_checkpointing must be >= 0, got {self.activation_checkpointing}")
+        if self.save_interval is not None and self.save_interval <= 0:
+            out.append(f"--train.save_interval must be positive or None, got {self.save_interval}")
+        return out
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation settings.
+
+    Args:
+        interval: steps between validation runs (validation also runs at the end).
+        max_iters: validation batches per run (None: the whole validation set).
+        initial_validation: also validate before the first step.
+        exact_match: held-out samples scored by greedy generation before and after training (None: 100 for the
+            bundled demo task set, 0 otherwise).
+        max_new_tokens: tokens generated per sample (exact match and the sample generation).
+    """
+
+    interval: int = 50
+    max_iters: Optional[int] = None
+    initial_validation: bool = False
+    exact_match: Optional[int] = None
+    max_new_tokens: int = 50
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.interval <= 0:
+            out.append(f"--eval.interval must be positive, got {self.interval}")
+        if self.max_iters is not None and self.max_iters <= 0:
+            out.append(f"--eval.max_iters must be positive or None, got {self.max_iters}")
+        if self.exact_match is not None and self.exact_match < 0:
+            out.append(f"--eval.exact_match must be >= 0, got {self.exact_match}")
+        if self.max_new_tokens <= 0:
+            out.append(f"--eval.max_new_tokens must be positive, got {self.max_new_tokens}")
+        return out
+
+
+@dataclass
+class DataArgs:
+    """Training data.
+
+    Args:
+        train_file: Alpaca-style JSON or JSONL (instruction, input, output). None: the bundled demo task set for the
+            demo model, else data/alpaca/train.json (made by scripts/prepare_alpaca.py).
+        val_file: validation records; None: split `val_split_fraction` off the training file.
+        val_split_fraction: share of the training records held out when there is no val_file.
+        prompt_style: prompt template name (alpaca, plain, llama3, chatml, ...); None: the checkpoint's
+            prompt_style.yaml, else the default for the model family.
+        mask_prompt: train on response tokens only.
+    """
+
+    train_file: Optional[Path] = None
+    val_file: Optional[Path] = None
+    val_split_fraction: float = 0.05
+    prompt_style: Optional[str] = None
+    mask_prompt: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("train_file", "val_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                out.append(f"--data.{name} {str(path)!r} does not exist")
+        if not 0.0 < self.val_split_fraction < 1.0:
+            out.append(f"--data.val_split_fraction must be in (0, 1), got {self.val_split_fraction}")
+        return out
