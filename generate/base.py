@@ -1,0 +1,80 @@
+"""Generate text from any checkpoint directory (base, fully fine-tuned or LoRA) with the KV cache, streaming."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lit_model.loading import load_any
+from lit_model.prompts import PromptStyle, load_prompt_style
+from lit_model.sampling import generate_tokens
+from lit_model.tokenizer import Tokenizer
+from lit_model.training import DEMO_CHECKPOINT, precision_dtype, script_main
+
+
+def main(
+    prompt: str = "Reverse the word 'lamp'.",
+    checkpoint_dir: Path = DEMO_CHECKPOINT,
+    input: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    prompt_style: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: str = "auto",
+    seed: int = 1234,
+) -> list[str]:
+    """Sample a completion of `prompt`, streamed to stdout; timing and tokens/s go to stderr.
+
+    Args:
+        prompt: the instruction or text to complete.
+        checkpoint_dir: a model directory: base (lit_model.pth), fully fine-tuned, or LoRA (lit_model.lora.pth).
+        input: optional input for the instruction (Alpaca's "### Input").
+        max_new_tokens: the most tokens to generate per sample.
+        temperature: 0 for greedy decoding; higher is more random.
+        top_k: sample among the k most likely tokens (None: all).
+        top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p.
+        num_samples: completions to generate.
+        prompt_style: template applied to the prompt (alpaca, plain, llama3, chatml, ...); default: the checkpoint's
+            prompt_style.yaml, else the model family's.
+        precision: 32-true, bf16-true or 16-true (weight dtype); default bf16-true on a GPU with bf16, else 32-true.
+        device: cpu, cuda, cuda:N or auto.
+        seed: random seed for sampling.
+    """
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if precision is None:
+        precision = "bf16-true" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "32-true"
+    model = load_any(checkpoint_dir, device=device, dtype=precision_dtype(precision))
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_name(prompt_style) if prompt_style else (
+        load_prompt_style(checkpoint_dir) or PromptStyle.for_model(model.config.hf_repo or model.config.name)
+    )
+    ids = tokenizer.encode(style.apply(prompt, input), device=torch.device(device))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    outputs = []
+    for _ in range(num_samples):
+        t0, tokens, printed = time.perf_counter(), [], ""
+        for token in generate_tokens(
+            model, ids, max_new_tokens, temperature, top_k, top_p, style.stop_tokens(tokenizer), generator
+        ):
+            tokens.append(token)
+            text = tokenizer.decode(tokens)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+        text = tokenizer.decode(tokens)
+        print(text[len(printed):], flush=True)
+        elapsed = time.perf_counter() - t0
+        print(f"{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s", file=sys.stderr)
+        outputs.append(text)
+    return outputs
+
+
+if __name__ == "__main__":
+    script_main(main)
