@@ -1,0 +1,241 @@
+"""Supervised fine-tuning data: Alpaca-style records from JSON/JSONL, the tokenized dataset, padding, splits.
+
+A record is `{"instruction": str, "input": str (optional, default ""), "output": str}`. A sample is
+`input_ids = [BOS] + prompt + response + [EOS]` and `labels` = the same ids with the prompt set to `ignore_index`
+(when masking the prompt). Labels are aligned with `input_ids`, NOT shifted: the training loop feeds
+`input_ids[:, :-1]` to the model and scores its output against `labels[:, 1:]`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_model.prompts import PromptStyle
+
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+class _Tokenizer(Protocol):
+    """What the dataset needs from `lit_model.tokenizer.Tokenizer`."""
+
+    eos_id: int | None
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> torch.Tensor: ...
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------------
+
+
+def load_records(path: str | Path) -> list[dict[str, str]]:
+    """Read Alpaca-style records from a JSON file (a list of objects) or a JSONL file (one object per line).
+
+    The format is decided by the content, not the suffix: a file whose first character is "[" is JSON, anything
+    else is JSONL (blank lines are skipped). Each record needs string fields `instruction` and `output`; `input` is
+    optional (missing or null means ""). Other fields are dropped. Errors name the file, the line (and for JSON the
+    record index) and the field, so a bad record in a 50k-line file can be found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file at {str(path)!r}. Pass an Alpaca-style .json or .jsonl file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 JSON or JSONL.") from e
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some Windows editors write
+    if not text.strip():
+        raise ValueError(f"{path} is empty; it needs a JSON list of records or one JSON object per line.")
+
+    located: list[tuple[Any, str]]  # (record, "line N" / "record i (line N)")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        lines = _record_lines(text) if not _all_valid(data) else [0] * len(data)
+        located = [(rec, f"record {i} (line {line})") for i, (rec, line) in enumerate(zip(data, lines))]
+    else:
+        located = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((json.loads(line), f"line {lineno}"))
+            except json.JSONDecodeError as e:
+                whole = _single_object(text)
+                if whole is not None:
+                    raise ValueError(
+                        f"{path} holds a single JSON object; expected a JSON list of records ([{{...}}, ...]) or "
+                        "one JSON object per line (JSONL)."
+                    ) from e
+                raise ValueError(f"{path}, line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from e
+    if not located:
+        raise ValueError(f"{path} contains no records.")
+    return [_validate(record, f"{path}, {where}") for record, where in located]
+
+
+def _all_valid(data: Any) -> bool:
+    return isinstance(data, list) and all(_problem(r) is None for r in data)
+
+
+def _validate(record: Any, where: str) -> dict[str, str]:
+    problem = _problem(record)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def _problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected an object with 'instruction', 'input' and 'output', got {type(record).__name__}"
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            return f"missing required field {field!r} (fields present: {sorted(record)})"
+    for field in ("instruction", "input", "output"):
+        value = record.get(field)
+        if field == "input" and value is None:
+            continue
+        if not isinstance(value, str):
+            return f"field {field!r} must be a string, got {type(value).__name__}: {str(value)[:60]!r}"
+    return None
+
+
+def _record_lines(text: str) -> list[int]:
+    """1-based line where each element of a top-level JSON array starts (only called to report an error)."""
+    decoder = json.JSONDecoder()
+    lines, idx = [], text.index("[") + 1
+    while True:
+        while idx < len(text) and text[idx] in " \t\r\n,":
+            idx += 1
+        if idx >= len(text) or text[idx] == "]":
+            return lines
+        lines.append(text.count("\n", 0, idx) + 1)
+        _, idx = decoder.raw_decode(text, idx)
+
+
+def _single_object(text: str) -> dict | None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---- splitting -------------------------------------------------------------------------------------------------------
+
+
+def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split records into (train, val) at random but reproducibly: the same records, fraction and seed always give
+    the same split. `round(len * val_fraction)` records go to val (at least one when the fraction is positive),
+    and both parts keep the original order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(records)
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise ValueError(
+            f"Cannot hold out {n_val} of {n} records for validation and keep any for training: "
+            "lower val_fraction or give more records."
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)  # a private generator: the global RNG state is left alone
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [r for i, r in enumerate(records) if i in val_idx]
+    return train, val
+
+
+# ---- the dataset -----------------------------------------------------------------------------------------------------
+
+
+class SFTDataset(Dataset):
+    """Records tokenized once, at construction, into `{"input_ids", "labels"}` samples.
+
+    `input_ids` = encode(prompt_style.apply(instruction, input), bos=None) + encode(output, bos=False, eos=True).
+    The prompt and the response are encoded separately and concatenated, rather than encoding prompt + response
+    as one string: a tokenizer may merge characters across the boundary (e.g. "\\n" + "Hi" -> "\\nHi"), and then
+    the prompt's token count no longer marks where the response starts. Encoding them apart also makes the
+    prompt tokens exactly those that generation will see at inference, when the prompt is encoded alone.
+
+    Samples longer than `max_seq_length` keep their beginning (`num_truncated` counts them; a truncated response
+    loses its EOS). `num_without_targets` counts samples with no label to learn from after the training loop's
+    one-token shift, e.g. a prompt that fills `max_seq_length` with `mask_prompt=True`; they are kept so indices
+    match the records, and the loop must not divide by their zero token count.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict[str, str]],
+        tokenizer: _Tokenizer,
+        prompt_style: PromptStyle,
+        max_seq_length: int,
+        mask_prompt: bool = True,
+        ignore_index: int = -100,
+    ) -> None:
+        if max_seq_length < 2:
+            raise ValueError(
+                f"max_seq_length must be at least 2 (one input and one target token), got {max_seq_length}"
+            )
+        self.max_seq_length = max_seq_length
+        self.mask_prompt = mask_prompt
+        self.ignore_index = ignore_index
+        self.num_truncated = 0
+        self.num_without_targets = 0
+        self._samples: list[tuple[torch.Tensor, int]] = []  # (input_ids, number of prompt tokens within them)
+        for record in records:
+            prompt = prompt_style.apply(record["instruction"], record.get("input") or "")
+            prompt_ids = tokenizer.encode(prompt, bos=None).long()
+            response_ids = tokenizer.encode(record["output"], bos=False, eos=True).long()
+            ids = torch.cat([prompt_ids, response_ids])
+            if ids.numel() > max_seq_length:
+                ids = ids[:max_seq_length].clone()  # clone: do not keep the longer tensor alive through a view
+                self.num_truncated += 1
+            n_prompt = min(prompt_ids.numel(), ids.numel())
+            # After the shift, targets are labels[1:]; with the prompt masked, the first target is at n_prompt.
+            first_target = max(n_prompt, 1) if mask_prompt else 1
+            if first_target >= ids.numel():
+                self.num_without_targets += 1
+            self._samples.append((ids, n_prompt))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, n_prompt = self._samples[index]
+        labels = ids.clone()
+        if self.mask_prompt:
+            labels[:n_prompt] = self.ignore_index
+        return {"input_ids": ids, "labels": labels}
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample, e.g. for sorting or length-grouped batching."""
+        return [ids.numel() for ids, _ in self._samples]
+
+
+def collate(
+    samples: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, ignore_index: int = -100
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with `ignore_index`.
+
+    Returns `input_ids` and `labels` of shape (B, T) and `lengths` (B,), the unpadded lengths. Padding sits at the
+    end, so with causal attention it never influences the real tokens, and its labels are ignored by the loss.
+    Use with a DataLoader as `collate_fn=functools.partial(collate, pad_id=..., ignore_index=...)`.
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = torch.tensor([s["input_ids"].numel() for s in samples], dtype=torch.long)
+    longest = int(lengths.max())
+    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(samples), longest), ignore_index, dtype=torch.long)  # (B, T)
+    for i, sample in enumerate(samples):
+        n = sample["input_ids"].numel()
+        input_ids[i, :n] = sample["input_ids"]
+        labels[i, :n] = sample["labels"]
+    return {"input_ids": input_ids, "labels": labels, "lengths": lengths}

@@ -1,0 +1,307 @@
+"""Prompt styles: the text a model sees before its response, and the tokens that end its turn.
+
+A `PromptStyle` is data, not a class hierarchy: a template with `{system}`, `{prompt}` (and for Alpaca `{input}`)
+slots, the default system prompt, how a system prompt is rendered, and the special tokens that end a turn. The chat
+templates reproduce the official Hugging Face `chat_template`s for a single user turn with the generation prompt
+(`apply_chat_template([{"role": "user", ...}], add_generation_prompt=True)`), minus the leading BOS text: the
+tokenizer adds BOS as a token (`tokenizer.encode(..., bos=None)`), never as text.
+
+A checkpoint directory keeps its style in `prompt_style.yaml` (`save_prompt_style` / `load_prompt_style`), so a model
+fine-tuned with one style is prompted with the same style by generate, whatever its family's default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+PROMPT_STYLE_FILE = "prompt_style.yaml"
+
+_PLACEHOLDER = re.compile(r"\{(system|prompt|input)\}")
+
+
+class _Tokenizer(Protocol):
+    """What a prompt style needs from `lit_model.tokenizer.Tokenizer`."""
+
+    eos_id: int | None
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> torch.Tensor: ...
+
+    def decode(self, ids: torch.Tensor) -> str: ...
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    # One pass over the template only: user text containing "{prompt}" or other braces is never re-expanded,
+    # which str.format or chained str.replace would do (or choke on).
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How an instruction (and optional input) becomes the text before the model's response.
+
+    Args:
+        name: the style's name (a key of `PROMPT_STYLES` for the built-in ones).
+        template: the text before the response, with `{prompt}` for the user's message and `{system}` for the
+            rendered system block ("" when there is no system prompt).
+        template_with_input: used instead of `template` when the record has a non-empty `input`, with an extra
+            `{input}` slot (Alpaca's second template). When empty, the input is appended to the instruction after
+            a blank line ("instruction\\n\\ninput") and `template` is used, as chat datasets usually do.
+        system: the system prompt; "" for none.
+        system_block: how a non-empty system prompt is written into `{system}`, with a `{system}` slot.
+        stop_strings: special tokens (as text) that end the model's turn besides EOS, looked up in the tokenizer.
+        strip: strip surrounding whitespace from the user's message, as the official templates do with `| trim`.
+    """
+
+    name: str
+    template: str
+    template_with_input: str = ""
+    system: str = ""
+    system_block: str = ""
+    stop_strings: tuple[str, ...] = ()
+    strip: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if "{prompt}" not in self.template:
+            problems.append(f"template must contain '{{prompt}}', got {self.template!r}")
+        if self.template_with_input and not {"prompt", "input"} <= set(_PLACEHOLDER.findall(self.template_with_input)):
+            problems.append(
+                f"template_with_input must contain '{{prompt}}' and '{{input}}', got {self.template_with_input!r}"
+            )
+        if self.system and "{system}" not in self.system_block:
+            problems.append(
+                f"style {self.name!r} has a system prompt but its system_block {self.system_block!r} "
+                "has no '{system}'"
+            )
+        if problems:
+            raise ValueError(f"Invalid PromptStyle {self.name!r}: " + "; ".join(problems))
+        # A YAML file gives a list; keep the frozen dataclass hashable and comparable.
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    def apply(self, prompt: str, input: str = "") -> str:
+        """The text the model sees before its response, for an instruction `prompt` and an optional `input`."""
+        system = _fill(self.system_block, {"system": self.system}) if self.system else ""
+        if input and self.template_with_input:
+            template = self.template_with_input
+        else:
+            template = self.template
+            if input:
+                prompt = f"{prompt}\n\n{input}"
+        if self.strip:
+            prompt = prompt.strip()
+        return _fill(template, {"system": system, "prompt": prompt, "input": input})
+
+    def stop_tokens(self, tokenizer: _Tokenizer) -> tuple[list[int], ...]:
+        """Token sequences that end a generation: EOS (and any other ids the tokenizer lists in `stop_ids`, e.g. the
+        `eos_token_id`s of generation_config.json), then each of `stop_strings` the tokenizer knows as one token.
+
+        A stop string the tokenizer splits into several ordinary tokens is skipped: the model was never trained to
+        emit it, so it would only stop on a coincidence. (SentencePiece may put a bare "▁" before a user-defined
+        piece; that prefix is ignored.)
+        """
+        stops: list[list[int]] = []
+        if tokenizer.eos_id is not None:
+            stops.append([int(tokenizer.eos_id)])
+        for idx in getattr(tokenizer, "stop_ids", ()):  # optional: not every tokenizer has it
+            if [int(idx)] not in stops:
+                stops.append([int(idx)])
+        for text in self.stop_strings:
+            ids = [int(i) for i in tokenizer.encode(text, bos=False, eos=False)]
+            if len(ids) > 1 and not tokenizer.decode(torch.tensor(ids[:-1])).strip():
+                ids = ids[-1:]
+            if len(ids) == 1 and ids not in stops:
+                stops.append(ids)
+        return tuple(stops)
+
+    # ---- construction ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "PromptStyle":
+        """A built-in style by name (see `PROMPT_STYLES`), with field overrides such as `system="..."`."""
+        if name not in PROMPT_STYLES:
+            close = difflib.get_close_matches(name, list(PROMPT_STYLES), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"Unknown prompt style {name!r}.{hint} Valid styles: {', '.join(PROMPT_STYLES)}.")
+        return replace(PROMPT_STYLES[name], **overrides) if overrides else PROMPT_STYLES[name]
+
+    @classmethod
+    def for_model(cls, model_name: str) -> "PromptStyle":
+        """The default style for a model, from its preset name or HF repo id (e.g. "Qwen/Qwen2.5-7B-Instruct").
+
+        Instruction-tuned models get the chat format they were tuned with; a model counts as instruction-tuned when
+        its name contains "instruct" or "chat" or an "-it" part (Gemma), case-insensitive. Phi-3 is always chat.
+
+        | family                      | chat/instruct model | base model |
+        |-----------------------------|---------------------|------------|
+        | Llama 3, 3.1, 3.2           | llama3              | alpaca     |
+        | Llama 2                     | llama2-chat         | alpaca     |
+        | Mistral v0.1, v0.2          | mistral             | alpaca     |
+        | Mistral v0.3                | mistral-v0.3        | alpaca     |
+        | Qwen2.5                     | qwen2.5             | alpaca     |
+        | other Qwen                  | chatml              | alpaca     |
+        | Gemma                       | gemma               | alpaca     |
+        | Phi-3                       | phi3                | -          |
+        | TinyLlama                   | tinyllama           | alpaca     |
+        | anything else               | alpaca              | alpaca     |
+
+        Base models get Alpaca because fine-tuning teaches them the format, and Alpaca needs no special tokens that a
+        base tokenizer may lack. A fine-tuned checkpoint's own `prompt_style.yaml` takes precedence over this mapping.
+        """
+        return cls.from_name(_style_name_for_model(model_name))
+
+
+def _style_name_for_model(model_name: str) -> str:
+    base = model_name.rstrip("/").split("/")[-1].lower()
+    if "phi-3" in base or "phi3" in base:
+        return "phi3"
+    if not re.search(r"instruct|chat|(?:^|[-_.])it(?:$|[-_.])", base):
+        return "alpaca"
+    if "tinyllama" in base:
+        return "tinyllama"
+    if re.search(r"llama-?3", base):
+        return "llama3"
+    if re.search(r"llama-?2", base):
+        return "llama2-chat"
+    if "mistral" in base:
+        return "mistral-v0.3" if "v0.3" in base else "mistral"
+    if "qwen2.5" in base:
+        return "qwen2.5"
+    if "qwen" in base:
+        return "chatml"
+    if "gemma" in base:
+        return "gemma"
+    return "alpaca"
+
+
+# ---- the built-in styles. The link is the template each one reproduces. ---------------------------------------------
+
+_ALPACA_PREAMBLE = "Below is an instruction that describes a task"
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    style.name: style
+    for style in (
+        # https://github.com/tatsu-lab/stanford_alpaca/blob/main/train.py (PROMPT_DICT)
+        PromptStyle(
+            name="alpaca",
+            template=f"{_ALPACA_PREAMBLE}. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{prompt}\n\n### Response:\n",
+            template_with_input=f"{_ALPACA_PREAMBLE}, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n",
+        ),
+        PromptStyle(name="plain", template="{prompt}"),
+        # https://huggingface.co/meta-llama/Llama-2-7b-chat-hf/blob/main/tokenizer_config.json. The current template
+        # has no default system prompt (the long "You are a helpful, respectful and honest assistant..." was dropped).
+        PromptStyle(
+            name="llama2-chat",
+            template="[INST] {system}{prompt} [/INST]",
+            system_block="<<SYS>>\n{system}\n<</SYS>>\n\n",
+            strip=True,
+        ),
+        # https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/blob/main/tokenizer_config.json
+        PromptStyle(
+            name="llama3",
+            template="{system}<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            system_block="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+            stop_strings=("<|eot_id|>", "<|end_of_text|>"),
+            strip=True,
+        ),
+        # https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.2/blob/main/tokenizer_config.json (and v0.1).
+        # The official template rejects a system message; we prepend it to the instruction as v0.3 does.
+        PromptStyle(name="mistral", template="[INST] {system}{prompt} [/INST]", system_block="{system}\n\n"),
+        # https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.3/blob/main/tokenizer_config.json: no space before
+        # [/INST] ([INST] and [/INST] are control tokens of the v3 tokenizer); the system prompt joins the user turn.
+        PromptStyle(name="mistral-v0.3", template="[INST] {system}{prompt}[/INST]", system_block="{system}\n\n"),
+        # https://huggingface.co/Qwen/Qwen2-7B-Instruct/blob/main/tokenizer_config.json
+        PromptStyle(
+            name="chatml",
+            template="{system}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+            system="You are a helpful assistant.",
+            system_block="<|im_start|>system\n{system}<|im_end|>\n",
+            stop_strings=("<|im_end|>", "<|endoftext|>"),
+        ),
+        # https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/tokenizer_config.json
+        PromptStyle(
+            name="qwen2.5",
+            template="{system}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+            system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            system_block="<|im_start|>system\n{system}<|im_end|>\n",
+            stop_strings=("<|im_end|>", "<|endoftext|>"),
+        ),
+        # https://huggingface.co/google/gemma-7b-it/blob/main/tokenizer_config.json. Gemma has no system role; a
+        # system prompt opens the user turn (as Gemma 2/3's templates do).
+        PromptStyle(
+            name="gemma",
+            template="<start_of_turn>user\n{system}{prompt}<end_of_turn>\n<start_of_turn>model\n",
+            system_block="{system}\n\n",
+            stop_strings=("<end_of_turn>",),
+            strip=True,
+        ),
+        # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/tokenizer_config.json
+        PromptStyle(
+            name="phi3",
+            template="{system}<|user|>\n{prompt}<|end|>\n<|assistant|>\n",
+            system_block="<|system|>\n{system}<|end|>\n",
+            stop_strings=("<|end|>", "<|endoftext|>"),
+        ),
+        # https://huggingface.co/TinyLlama/TinyLlama-1.1B-Chat-v1.0/blob/main/tokenizer_config.json (Zephyr's format;
+        # "</s>" is its EOS written as text, which a SentencePiece tokenizer does not turn into the EOS token).
+        PromptStyle(
+            name="tinyllama",
+            template="{system}<|user|>\n{prompt}</s>\n<|assistant|>\n",
+            system_block="<|system|>\n{system}</s>\n",
+        ),
+    )
+}
+
+
+# ---- prompt_style.yaml ----------------------------------------------------------------------------------------------
+
+
+def save_prompt_style(style: PromptStyle, checkpoint_dir: str | Path) -> Path:
+    """Write `prompt_style.yaml` into `checkpoint_dir` and return its path.
+
+    A built-in style is stored by name plus only the fields that differ from it (e.g. a custom system prompt), so a
+    later fix to a built-in template reaches old checkpoints; a custom style is stored in full.
+    """
+    data = asdict(style)
+    data["stop_strings"] = list(style.stop_strings)
+    if style.name in PROMPT_STYLES:
+        builtin = asdict(PROMPT_STYLES[style.name])
+        builtin["stop_strings"] = list(PROMPT_STYLES[style.name].stop_strings)
+        data = {"name": style.name, **{k: v for k, v in data.items() if k != "name" and v != builtin[k]}}
+    path = Path(checkpoint_dir) / PROMPT_STYLE_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def load_prompt_style(checkpoint_dir: str | Path) -> PromptStyle | None:
+    """The style saved in `checkpoint_dir/prompt_style.yaml`, or None when the directory has none."""
+    path = Path(checkpoint_dir) / PROMPT_STYLE_FILE
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict):
+        known = {f.name for f in fields(PromptStyle)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hint = " It looks like a Lit-GPT file: replace it with `name: <style>`." if "class_path" in data else ""
+            raise ValueError(f"{path} has unknown fields {unknown}; valid fields: {sorted(known)}.{hint}")
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise ValueError(f"{path} must be a mapping with a 'name' (e.g. `name: alpaca`), got {data!r}")
+    name = data.pop("name")
+    if name in PROMPT_STYLES:
+        return PromptStyle.from_name(name, **data)
+    if "template" not in data:
+        raise ValueError(
+            f"{path} names the unknown style {name!r} without a 'template'. "
+            f"Use one of {', '.join(PROMPT_STYLES)} or give the full style."
+        )
+    return PromptStyle(name=name, **data)
