@@ -32,13 +32,15 @@ def chunked_cross_entropy(
     weight: (V, C) the dense head matrix, possibly the tied embedding. For a LoRA head pass the effective weight
         from `lm_head_weight(model.lm_head)`; a quantized head is not supported (keep the head dense under QLoRA).
     targets: (B, T) class indices; positions equal to `ignore_index` do not count.
-    chunk_size: tokens per chunk; the transient memory is about chunk_size x V fp32 values, twice in the backward.
+    chunk_size: tokens per chunk; the transient memory is one chunk_size x V fp32 block of logits (in the backward
+        also its copy in the product dtype when that is bf16/fp16).
 
-    Returns a float32 scalar (float64 for float64 inputs). Logits, logsumexp and softmax are computed in float32. The matrix products run in
-    the operands' dtype (or autocast's, when autocast is on) with float32 accumulation, as `nn.Linear` would: an
-    fp32 copy of a bf16 head would cost as much memory as the logits this function avoids. A batch whose targets
-    are all `ignore_index` gives a loss of exactly 0 that is still connected to the graph (zero gradients), never
-    NaN.
+    Returns a float32 scalar (float64 for float64 inputs). Logits, logsumexp and softmax are computed in float32.
+    The matrix products run in the operands' dtype (or autocast's, when autocast is on) with float32 accumulation,
+    as `nn.Linear` would: an fp32 copy of a bf16 head would cost as much memory as the logits this function avoids.
+    The weight gradient is accumulated over chunks in float32 and cast to the weight's dtype once.
+    A batch whose targets are all `ignore_index` gives a loss of exactly 0 that is still connected to the graph
+    (zero gradients), never NaN.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
@@ -87,6 +89,11 @@ def lm_head_weight(head: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
     the head as with dropout 0): dropout acts on the head's input, which the merged weight cannot express.
     """
     weight = head.weight
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"The LM head weight has dtype {weight.dtype}: a quantized head is not supported by the chunked loss. "
+            "Keep the LM head dense (unquantized), or pass its dequantized weight."
+        )
     bias = getattr(head, "bias", None)
     lora_a, lora_b = getattr(head, "lora_A", None), getattr(head, "lora_B", None)
     if lora_a is not None and lora_b is not None and not getattr(head, "merged", False):
@@ -130,7 +137,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total / n_valid.clamp(min=1)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], ...]:
         hidden, weight, bias, targets, valid, lse, n_valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         mm_dtype, chunk_size = ctx.mm_dtype, ctx.chunk_size

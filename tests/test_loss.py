@@ -207,6 +207,10 @@ def test_errors() -> None:
         chunked_cross_entropy(hidden, weight.to(torch.uint8), targets)
     with pytest.raises(TypeError, match="integer class indices"):
         chunked_cross_entropy(hidden, weight, targets.float())
+    quantized = nn.Linear(16, 50, bias=False)
+    quantized.weight = nn.Parameter(torch.zeros(400, 1, dtype=torch.uint8), requires_grad=False)  # packed 4-bit
+    with pytest.raises(TypeError, match="quantized head is not supported"):
+        lm_head_weight(quantized)
     bad = targets.clone()
     bad[1, 2] = 50
     with pytest.raises(ValueError, match=r"outside \[0, 50\) \(e.g. 50\).*vocab_size"):
