@@ -1,0 +1,309 @@
+"""LoRA by module substitution: `LoRALinear` takes the place of a targeted `nn.Linear` in an existing `GPT`.
+
+`LoRALinear` owns the base weight under the usual keys (`weight`, `bias`), so a plain base checkpoint loads into a
+LoRA model unchanged and LoRA tensors are the only new keys (`lora_A`, `lora_B`). The base weight may be a dense
+tensor or a bitsandbytes 4-bit `Params4bit` (QLoRA, see `lit_model.quantize`); the LoRA path always runs in a dense
+floating dtype (the compute dtype). Conventions follow peft: `scaling = alpha / r`, `lora_A` kaiming-uniform,
+`lora_B` zero, so a fresh adapter leaves the model's output unchanged.
+
+Typical use: build the GPT, load its base weights (optionally `quantize_model`), then `apply_lora(model, config)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_model.model import GPT
+from lit_model.quantize import dequantize_weight, is_4bit, logical_numel
+
+LORA_KEYS = ("lora_A", "lora_B")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: which linear layers get one, and its rank, scale and dropout.
+
+    Args:
+        r: rank of the update B @ A; the number of trainable values per layer is r * (in_features + out_features).
+        alpha: the update is scaled by alpha / r (as in peft), so changing r need not change the learning rate.
+        dropout: dropout probability on the adapter's input (training only; the base path never drops).
+        query: adapt the attention query projection.
+        key: adapt the attention key projection.
+        value: adapt the attention value projection.
+        projection: adapt the attention output projection.
+        mlp: adapt every linear layer of the MLP (fc_1, fc_2 and proj, or fc and proj).
+        head: adapt the LM head (refused for models with tied embeddings; see `apply_lora`).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+
+    def problems(self) -> list[str]:
+        """Everything wrong with these settings, as messages (empty when valid)."""
+        out = []
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            out.append(f"--lora.r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            out.append(f"--lora.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"--lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not any(self.targets.values()):
+            out.append("LoRA targets no layer: set at least one of --lora.query/key/value/projection/mlp/head")
+        return out
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every problem (the training loop instead merges `problems()` with the
+        other argument groups' into a single error)."""
+        problems = self.problems()
+        if problems:
+            raise ValueError("Invalid LoRA settings: " + "; ".join(problems))
+
+    @property
+    def targets(self) -> dict[str, bool]:
+        """The target switches by name."""
+        return {name: getattr(self, name) for name in ("query", "key", "value", "projection", "mlp", "head")}
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + dropout(x) A^T B^T * alpha / r, with W frozen (dense or 4-bit) and A (r, in), B (out, r).
+
+    The module reuses the Parameter objects it is given for `weight` and `bias`, so wrapping a layer after its
+    weights were loaded keeps them (and no copy is made). `merge()` folds B A into W and makes the forward skip the
+    LoRA path; `unmerge()` takes it out again.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None = None,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        lora_dtype: torch.dtype | None = None,
+    ) -> None:
+        """weight: the base (out, in) weight, dense or a bitsandbytes Params4bit; bias: its (out,) bias or None;
+        lora_dtype: dtype of A and B, default the weight's dtype (for a 4-bit weight: the dtype it dequantizes to).
+        """
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.out_features, self.in_features = weight.quant_state.shape if is_4bit(weight) else weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        if lora_dtype is None:
+            lora_dtype = weight.quant_state.dtype if is_4bit(weight) else weight.dtype
+        factory = dict(device=weight.device, dtype=lora_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+        """Wrap an `nn.Linear` or a bitsandbytes `Linear4bit`, reusing its weight and bias Parameters."""
+        lora_dtype = getattr(linear, "compute_dtype", None) if is_4bit(linear.weight) else None
+        return cls(linear.weight, linear.bias, r=r, alpha=alpha, dropout=dropout, lora_dtype=lora_dtype)
+
+    def reset_lora_parameters(self) -> None:
+        """peft's init: A kaiming-uniform (as nn.Linear), B zero, so the update starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def base_is_4bit(self) -> bool:
+        """Whether the base weight is a bitsandbytes 4-bit parameter."""
+        return is_4bit(self.weight)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b, through bitsandbytes' 4-bit matmul when the weight is 4-bit."""
+        if not self.base_is_4bit:
+            return F.linear(x, self.weight, self.bias)
+        import bitsandbytes as bnb
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        # `.t()` is the calling convention of bnb's own Linear4bit in every version we support; the kernel
+        # dequantizes to x's dtype, so the base matmul runs in the compute dtype the input arrives in.
+        return bnb.matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
+
+    def lora_delta(self) -> torch.Tensor:
+        """The (out, in) update B @ A * scaling, in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus, unless merged, the low-rank update (computed in the LoRA dtype)."""
+        out = self.base_forward(x)
+        if self.merged:  # the update is inside the weight already
+            return out
+        h = self.lora_dropout(x.to(self.lora_A.dtype))
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
+        return out + update.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (no-op when merged already).
+
+        A 4-bit weight is dequantized first: the merged layer keeps a dense weight in the compute dtype (4-bit
+        storage cannot hold W + BA without a lossy re-quantization), and `unmerge` does not re-quantize.
+        """
+        if self.merged:
+            return
+        if self.base_is_4bit:
+            dense = dequantize_weight(self.weight)
+            self.weight = nn.Parameter(dense.to(self.lora_A.dtype), requires_grad=False)
+        self.weight.add_(self.lora_delta().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of the base weight again (no-op when not merged)."""
+        if not self.merged:
+            return
+        self.weight.sub_(self.lora_delta().to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "4-bit" if self.base_is_4bit else str(self.weight.dtype)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"base={kind}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        )
+
+
+# ---- the substitution ----------------------------------------------------------------------------------------------
+
+
+def lora_target_names(model: GPT, config: LoRAConfig) -> list[str]:
+    """Qualified names of the linear layers `config` targets in `model`, e.g. "transformer.h.0.attn.query"."""
+    names = []
+    attn_targets = {"query": config.query, "key": config.key, "value": config.value, "proj": config.projection}
+    for i, block in enumerate(model.transformer.h):
+        names += [f"transformer.h.{i}.attn.{n}" for n, on in attn_targets.items() if on]
+        if config.mlp:
+            names += [f"transformer.h.{i}.mlp.{n}" for n, m in block.mlp.named_children() if isinstance(m, nn.Linear)]
+    if config.head:
+        names.append("lm_head")
+    return names
+
+
+def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
+    """Replace the targeted linear layers of `model` by `LoRALinear` in place, then freeze all but the LoRA tensors.
+
+    `config` is validated first. The existing weight Parameters are reused (apply after loading the base weights,
+    and after `quantize_model` for QLoRA). With tied embeddings the LM head's weight *is* the embedding matrix: an
+    adapter on it could not be merged without changing the embedding too, so `head=True` is refused for such models.
+    """
+    config.validate()
+    if config.head and model.lm_head.weight is model.transformer.wte.weight:
+        raise ValueError(
+            "LoRA on the LM head is not supported for models with tied embeddings (the head shares its weight with "
+            "the token embedding, so merging would alter the embedding too). Set head=False."
+        )
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("apply_lora was already applied to this model; build a fresh model to change the adapters")
+    for name in lora_target_names(model, config):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear (or a bitsandbytes Linear4bit)")
+        lora = LoRALinear.from_linear(linear, r=config.r, alpha=config.alpha, dropout=config.dropout)
+        setattr(parent, child, lora.train(linear.training))  # a model put in eval mode keeps its dropout off
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a parameter / state-dict key names a LoRA tensor."""
+    return key.rpartition(".")[2] in LORA_KEYS
+
+
+def lora_filter(key: str, value: Any) -> bool:
+    """`fabric.save(..., filter={"model": lora_filter})`: keep only the LoRA tensors."""
+    return is_lora_key(key)
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """requires_grad on the LoRA tensors, off on everything else (4-bit weights are never trainable anyway)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_key(name))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors of `model`'s state dict (works with 4-bit base weights; they are left out)."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy LoRA tensors into `model` (which must have the same adapters); any missing, unexpected or mis-shaped key
+    raises, listing them all. The tensors are cast to the model's LoRA dtype and device."""
+    params = {k: p for k, p in model.named_parameters(remove_duplicate=False) if is_lora_key(k)}
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in params.items()
+        if k in state_dict and state_dict[k].shape != p.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) (a different r?): {_preview(shapes)}")
+    if problems:
+        raise ValueError(
+            "The LoRA checkpoint does not match the model's adapters: " + "; ".join(problems) + ". Build the model "
+            "with the LoRAConfig the checkpoint was trained with (saved in its hyperparameters.yaml)."
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state_dict[k])
+
+
+def _preview(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Merge every adapter into its base weight and put plain `nn.Linear` layers back, in place.
+
+    The result has no LoRA keys and saves as a plain checkpoint. 4-bit base weights are dequantized (in the LoRA
+    compute dtype) by the merge, so a merged QLoRA model is a dense model.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        module.merge()
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = module.weight
+        linear.bias = module.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts its logical (out * in) values, shared ones once."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
