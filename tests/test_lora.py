@@ -15,6 +15,7 @@ from lit_model.lora import (
     count_parameters,
     is_lora_key,
     load_lora_state_dict,
+    lora_filter,
     lora_state_dict,
     lora_target_names,
     merge_lora,
@@ -131,6 +132,7 @@ def test_lora_state_dict_round_trip_and_errors() -> None:
     randomize_lora(model)
     sd = lora_state_dict(model)
     assert len(sd) == 8 and all(k.endswith((".lora_A", ".lora_B")) for k in sd)
+    assert {k for k, v in model.state_dict().items() if lora_filter(k, v)} == set(sd)  # the fabric.save filter
     assert sd["transformer.h.0.attn.query.lora_A"].shape == (8, 32)
     assert sd["transformer.h.0.attn.value.lora_B"].shape == (16, 8)
 
