@@ -153,9 +153,10 @@ def fit(
             target = fabric.to_device(target)
             with fabric.no_backward_sync(model, enabled=i < accum - 1):
                 hidden = model(input_ids, return_hidden=True)
-                weight, bias = lm_head_weight(raw.lm_head)
                 n = int((target != IGNORE_INDEX).sum())
-                loss = chunked_cross_entropy(hidden, weight, target, bias) * (n / n_tokens)
+                with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
+                    weight, bias = lm_head_weight(raw.lm_head)
+                    loss = chunked_cross_entropy(hidden, weight, target, bias) * (n / n_tokens)
                 if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward
                     fabric.backward(loss)
             step_loss += float(loss.detach())
@@ -198,8 +199,9 @@ def validate(fabric: Any, model: Any, val_data: Any, job: FinetuneJob) -> float:
         if n == 0:
             continue
         hidden = model(fabric.to_device(batch["input_ids"][:, :-1]), return_hidden=True)
-        weight, bias = lm_head_weight(model.module.lm_head)
-        total += float(chunked_cross_entropy(hidden, weight, target, bias)) * n
+        with fabric.autocast():
+            weight, bias = lm_head_weight(model.module.lm_head)
+            total += float(chunked_cross_entropy(hidden, weight, target, bias)) * n
         count += n
     model.train()
     return total / max(count, 1)
