@@ -52,7 +52,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
 
     from lit_model.tokenizer import Tokenizer
 
-    job.precision = job.precision or default_precision()
+    job.precision = job.precision or default_precision(job.quantize is not None)
     validate_job(job)
     fabric = Fabric(devices=job.devices, precision=job.precision, loggers=CSVLogger(job.out_dir, name="logs"))
     fabric.launch()
@@ -110,6 +110,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
     if val_records:
         print_sample(fabric, model, tokenizer, prompt_style, val_records[0], job.eval)
     save_final(fabric, model, job, prompt_style, metrics)
+    fabric.logger.finalize("success")  # flush metrics.csv
     return metrics
 
 
@@ -275,10 +276,16 @@ def lr_schedule(args: TrainArgs, max_steps: int) -> Callable[[int], float]:
 # ---- building -------------------------------------------------------------------------------------------------------
 
 
-def default_precision() -> str:
-    """bf16 weights on GPUs that support them (the Lit-GPT default for fine-tuning), float32 on CPU."""
+def default_precision(quantized: bool = False) -> str:
+    """bf16 weights on GPUs that support them (the Lit-GPT default for fine-tuning), float32 on CPU.
+
+    Without bf16, fp16 weights with loss scaling; a 4-bit base needs `*-true` (mixed precision would keep float32
+    copies of the weights that quantization exists to avoid).
+    """
     if torch.cuda.is_available():
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-mixed"
+        if torch.cuda.is_bf16_supported():
+            return "bf16-true"
+        return "16-true" if quantized else "16-mixed"
     return "32-true"
 
 
