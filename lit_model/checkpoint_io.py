@@ -503,18 +503,19 @@ def hf_weight_files(directory: Path) -> list[Path]:
     """The weight files of a Hugging Face checkpoint: safetensors preferred, then PyTorch .bin; shards in order.
 
     An `*.index.json` names the shards when present. Mistral's `consolidated.safetensors` (the same weights under
-    other names) is skipped.
+    other names), hidden files (temporary files, macOS `._*` forks) and training state are skipped.
     """
+
+    def wanted(path: Path) -> bool:
+        name = path.name
+        return not name.startswith((".", "consolidated")) and name not in ("training_args.bin", "optimizer.bin")
+
     for suffix in (".safetensors", ".bin"):
-        index = sorted(directory.glob(f"*{suffix}.index.json"))
+        index = [p for p in sorted(directory.glob(f"*{suffix}.index.json")) if wanted(p)]
         if index:
             weight_map = json.loads(index[0].read_text())["weight_map"]
             return [directory / name for name in dict.fromkeys(weight_map.values())]
-        files = [
-            p
-            for p in sorted(directory.glob(f"*{suffix}"))
-            if not p.name.startswith("consolidated") and p.name not in ("training_args.bin", "optimizer.bin")
-        ]
+        files = [p for p in sorted(directory.glob(f"*{suffix}")) if wanted(p)]
         if files:
             return files
     return []

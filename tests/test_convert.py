@@ -176,6 +176,10 @@ def test_bin_checkpoints_convert(variant: str, n_shards: int, tmp_path: Path) ->
     hf_model, directory = make_hf_model(variant, tmp_path)
     save_as_bin(directory, n_shards)
     assert not list(directory.glob("*.safetensors"))
+    # Files that must not be taken for weights: training state, a macOS fork, Mistral's duplicate in Meta's names
+    (directory / "training_args.bin").write_bytes(b"pickled arguments")
+    (directory / "._pytorch_model.bin").write_bytes(b"resource fork")
+    (directory / "consolidated.safetensors").write_bytes(b"the same weights under Meta's names")
     assert_same_logits(hf_model, convert(directory), hf_model.config.vocab_size)
 
 
