@@ -144,7 +144,7 @@ class Config:
             )
         # transformers >= 5 nests rope_theta and the scaling inside `rope_parameters`; older files keep them flat.
         rope = dict(hf.get("rope_parameters") or {})
-        rope_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_base = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         n_head = hf["num_attention_heads"]
         kw: dict[str, Any] = dict(
@@ -176,6 +176,8 @@ class Config:
             kw.update(norm_eps=hf.get("rms_norm_eps", 1e-6), mlp_class_name="LLaMAMLP")
             act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
             if model_type == "gemma":
+                if act == "gelu":  # transformers reads the official configs' legacy "gelu" as the tanh approximation
+                    act = "gelu_pytorch_tanh"
                 kw.update(mlp_class_name="GemmaMLP", norm_unit_offset=True, scale_embeddings=True,
                           gelu_approximate=_gelu_approximate(act))
             elif act != "silu":
@@ -187,8 +189,20 @@ class Config:
             partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
             kw["rotary_percentage"] = float(partial)
         window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-            window = None
+        if model_type == "qwen2":
+            # Qwen2 windows only the layers from max_window_layers on (or those layer_types names "sliding_attention").
+            n_layer = hf["num_hidden_layers"]
+            layer_types = hf.get("layer_types") or [
+                "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n_layer)
+            ]
+            windowed = [t == "sliding_attention" for t in layer_types]
+            if not hf.get("use_sliding_window", False) or not any(windowed):
+                window = None
+            elif not all(windowed):
+                raise ValueError(
+                    f"Qwen2 with a sliding window on {sum(windowed)} of {n_layer} layers is not supported (Config "
+                    "applies one window to every layer); set use_sliding_window false or max_window_layers 0"
+                )
         if window and window < kw["block_size"]:
             kw["sliding_window"] = int(window)
         if scaling:
