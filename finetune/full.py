@@ -15,6 +15,7 @@ def setup(
     precision: Optional[str] = None,
     devices: int = 1,
     seed: int = 1337,
+    resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=5e-4),
     eval: EvalArgs = EvalArgs(),
@@ -28,13 +29,15 @@ def setup(
             with bf16, else 32-true.
         devices: number of devices.
         seed: random seed (data order, initialisation).
+        resume: continue a run: "auto" (the latest step-NNNNNN in out_dir, else start fresh) or a checkpoint
+            directory. Restores weights, optimizer, schedule, step, data position and RNG states.
         data: training data.
         train: optimisation.
         eval: evaluation.
     """
     job = FinetuneJob(
         mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
-        data=data, train=train, eval=eval, hparams=dict(locals()),
+        data=data, train=train, eval=eval, resume=resume, hparams=dict(locals()),
     )
     return run(job)
 

@@ -17,6 +17,7 @@ def setup(
     quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]] = None,
     devices: int = 1,
     seed: int = 1337,
+    resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=2e-3),
     eval: EvalArgs = EvalArgs(),
@@ -33,6 +34,8 @@ def setup(
             quantization), bnb.fp4, bnb.fp4-dq.
         devices: number of devices.
         seed: random seed (data order, initialisation).
+        resume: continue a run: "auto" (the latest step-NNNNNN in out_dir, else start fresh) or a checkpoint
+            directory. Restores weights, optimizer, schedule, step, data position and RNG states.
         data: training data.
         train: optimisation.
         eval: evaluation.
@@ -40,7 +43,7 @@ def setup(
     """
     job = FinetuneJob(
         mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
-        data=data, train=train, eval=eval, lora=lora, quantize=quantize, hparams=dict(locals()),
+        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, hparams=dict(locals()),
     )
     return run(job)
 

@@ -27,7 +27,8 @@ class TrainArgs:
         activation_checkpointing: recompute every k-th block in the backward (0: off, 1: every block).
         offload_activations: keep checkpointed block inputs in CPU memory between forward and backward.
         log_interval: steps between progress-bar/metric updates.
-        save_interval: steps between checkpoints (None: only the final one).
+        save_interval: steps between training checkpoints (step-NNNNNN/, resumable; None: only the final one).
+        keep_last: keep only the newest N training checkpoints (None: keep all).
     """
 
     global_batch_size: int = 16
@@ -46,6 +47,7 @@ class TrainArgs:
     offload_activations: bool = False
     log_interval: int = 1
     save_interval: Optional[int] = None
+    keep_last: Optional[int] = None
 
     def problems(self, devices: int = 1) -> list[str]:
         """Everything wrong with these settings, as messages (empty when valid)."""
@@ -76,6 +78,8 @@ class TrainArgs:
             out.append(f"--train.activation_checkpointing must be >= 0, got {self.activation_checkpointing}")
         if self.save_interval is not None and self.save_interval <= 0:
             out.append(f"--train.save_interval must be positive or None, got {self.save_interval}")
+        if self.keep_last is not None and self.keep_last <= 0:
+            out.append(f"--train.keep_last must be positive or None, got {self.keep_last}")
         return out
 
 

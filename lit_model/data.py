@@ -12,7 +12,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -239,3 +239,31 @@ def collate(
         input_ids[i, :n] = sample["input_ids"]
         labels[i, :n] = sample["labels"]
     return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
+
+
+class BatchIterator:
+    """Endless, resumable micro-batches of sample indices: a fresh seeded permutation per epoch, sharded by rank."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if n < batch_size * world_size:
+            raise ValueError(f"{n} training samples cannot fill one micro-batch of {batch_size} on {world_size} devices")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        span = self.batch_size * self.world_size
+        if self.position + span > self.n:  # drop the ragged tail: every step sees full micro-batches
+            self.epoch, self.position = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        chunk = order[self.position : self.position + span].tolist()
+        self.position += span
+        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,30 +1,33 @@
 """The one fine-tuning loop, shared by finetune/full.py, lora.py and qlora.py, and its helpers.
 
 A script builds a `FinetuneJob` (what to train and how) and calls `run`. Fabric owns devices, precision and
-launching; this module owns data order, accumulation, the schedule, evaluation and saving.
+launching; this module owns data order, accumulation, the schedule, evaluation, checkpoints and resume.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import resource
 import shutil
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
 
 from lit_model.args import DataArgs, EvalArgs, TrainArgs
 from lit_model.config import Config
+from lit_model.data import BatchIterator
 from lit_model.model import GPT
+from lit_model import resume as ckpt
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 IGNORE_INDEX = -100
+LORA_WEIGHTS = "lit_model.lora.pth"
 
 
 @dataclass
@@ -42,19 +45,41 @@ class FinetuneJob:
     eval: EvalArgs
     lora: Any = None  # lit_model.lora.LoRAConfig for mode "lora"
     quantize: Optional[str] = None
+    resume: Optional[str] = None  # "auto", a step-NNNNNN directory, or None
     hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
 
 
-def run(job: FinetuneJob) -> dict[str, float]:
-    """Validate the job, build model and data, train, evaluate and save `out_dir/final`. Returns the final metrics."""
-    from lightning.fabric import Fabric
-    from lightning.fabric.loggers import CSVLogger
+@dataclass
+class LoopState:
+    """What the loop advances; saved in every training checkpoint so that resume continues the same run."""
 
+    step: int = 0
+    max_steps: int = 0
+    tokens: int = 0
+    train_history: list[tuple[int, float]] = field(default_factory=list)
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    last_checkpoint: Optional[Path] = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the weights were not updated with it."""
+
+
+def run(job: FinetuneJob) -> dict[str, float]:
+    """Validate the job, build model and data, train (or resume), evaluate and save `out_dir/final`.
+
+    Returns the final metrics (validation loss, exact match before/after when enabled, training time).
+    """
+    from lightning.fabric import Fabric
+
+    from lit_model.data import SFTDataset
+    from lit_model.evaluation import exact_match
     from lit_model.tokenizer import Tokenizer
 
     job.precision = job.precision or default_precision(job.quantize is not None)
     validate_job(job)
-    fabric = Fabric(devices=job.devices, precision=job.precision, loggers=CSVLogger(job.out_dir, name="logs"))
+    resume_from = ckpt.resolve_resume(job.resume, Path(job.out_dir))
+    fabric = Fabric(devices=job.devices, precision=job.precision, loggers=make_loggers(Path(job.out_dir)))
     fabric.launch()
     fabric.seed_everything(job.seed)
     tokenizer = Tokenizer(job.checkpoint_dir)
@@ -64,200 +89,205 @@ def run(job: FinetuneJob) -> dict[str, float]:
     max_seq_length = min(job.train.max_seq_length or config.block_size, config.block_size)
 
     with fabric.rank_zero_first():
-        model = build_model(job, fabric)
+        model = build_model(job)
+    if resume_from is not None:
+        load_trained_weights(model, resume_from, job.mode)
     trainable, total = count_parameters(model)
     fabric.print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-
-    from lit_model.data import SFTDataset
 
     train_data = SFTDataset(train_records, tokenizer, prompt_style, max_seq_length, job.data.mask_prompt)
     val_data = SFTDataset(val_records, tokenizer, prompt_style, max_seq_length, job.data.mask_prompt)
     for name, ds in (("train", train_data), ("validation", val_data)):
         if ds.num_truncated:
-            fabric.print(f"Note: {ds.num_truncated} of {len(ds)} {name} samples were truncated to {max_seq_length} tokens")
+            fabric.print(f"Note: {ds.num_truncated} of {len(ds)} {name} samples truncated to {max_seq_length} tokens")
     steps_per_epoch = max(1, len(train_data) // job.train.global_batch_size)
-    max_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
-    fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {max_steps} optimizer steps")
+    loop = LoopState(max_steps=job.train.max_steps or job.train.epochs * steps_per_epoch)
+    fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {loop.max_steps} steps")
 
     model = fabric.setup(model)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=job.train.learning_rate,
-        weight_decay=job.train.weight_decay,
-        betas=(job.train.beta1, job.train.beta2),
-    )
-    optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, max_steps))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, job.train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
+    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size)
     n_exact = job.eval.exact_match if job.eval.exact_match is not None else (100 if is_demo else 0)
     em_records = val_records[:n_exact]
 
+    def evaluate_em() -> float:
+        return exact_match(model.module, tokenizer, prompt_style, em_records, job.eval.max_new_tokens, fabric.device)
+
     metrics: dict[str, float] = {}
-    if em_records:
-        metrics["exact_match_before"] = exact_match(fabric, model, tokenizer, prompt_style, em_records, job.eval)
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        restore(state, optimizer, scheduler, batches, loop)
+        metrics.update(state.get("metrics", {}))
+        fabric.print(f"Resumed from {resume_from} at step {loop.step} of {loop.max_steps}")
+    elif em_records:
+        metrics["exact_match_before"] = evaluate_em()
         fabric.print(f"Held-out exact match before fine-tuning: {metrics['exact_match_before']:.3f}")
-    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size)
+
+    def save(target: Path, state: Optional[dict[str, Any]]) -> Path:
+        return save_checkpoint(fabric, model, job, prompt_style, target, state, metrics)
+
+    sample_record = val_records[0] if val_records else train_records[0]
+    session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
+                      sample_record)
     t0 = time.perf_counter()
-    fit(fabric, model, optimizer, scheduler, train_data, val_data, batches, job, max_steps)
+    fit(session, loop, save)
     metrics["train_time_s"] = time.perf_counter() - t0
-    metrics["val_loss"] = validate(fabric, model, val_data, job)
+    metrics["val_loss"] = session.validate()
+    loop.val_history.append((loop.step, metrics["val_loss"]))
     fabric.print(f"Final validation loss {metrics['val_loss']:.4f}, perplexity {math.exp(min(metrics['val_loss'], 50)):.2f}")
     if em_records:
-        metrics["exact_match_after"] = exact_match(fabric, model, tokenizer, prompt_style, em_records, job.eval)
+        metrics["exact_match_after"] = evaluate_em()
+        before = metrics.get("exact_match_before")
         fabric.print(
-            f"Held-out exact match after fine-tuning: {metrics['exact_match_after']:.3f} "
-            f"(before: {metrics['exact_match_before']:.3f}, {len(em_records)} samples)"
+            f"Held-out exact match after fine-tuning: {metrics['exact_match_after']:.3f}"
+            + (f" (before: {before:.3f}, {len(em_records)} samples)" if before is not None else "")
         )
-    if val_records:
-        print_sample(fabric, model, tokenizer, prompt_style, val_records[0], job.eval)
-    save_final(fabric, model, job, prompt_style, metrics)
-    fabric.logger.finalize("success")  # flush metrics.csv
+    fabric.log_dict({k: v for k, v in metrics.items()}, step=loop.step)
+    session.print_sample()
+    save(Path(job.out_dir) / "final", None)
+    if fabric.is_global_zero:
+        write_plot(loop, Path(job.out_dir) / "loss.png", config.name)
+    for logger in fabric.loggers:
+        logger.finalize("success")  # flush metrics.csv
     return metrics
 
 
-def fit(
-    fabric: Any,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    train_data: Any,
-    val_data: Any,
-    batches: "BatchIterator",
-    job: FinetuneJob,
-    max_steps: int,
-) -> None:
-    """The training loop: accumulate micro-batches into optimizer steps, log, validate at intervals."""
+@dataclass
+class Session:
+    """The live objects of one training run, passed to the loop as one value."""
+
+    fabric: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    batches: BatchIterator
+    train_data: Any
+    val_data: Any
+    job: FinetuneJob
+    tokenizer: Any
+    prompt_style: Any
+    sample_record: dict
+
+    def validate(self) -> float:
+        from lit_model.evaluation import validate
+
+        return validate(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size, self.job.eval.max_iters)
+
+    def print_sample(self) -> None:
+        from lit_model.evaluation import complete
+
+        record = self.sample_record
+        text = complete(self.model.module, self.tokenizer, self.prompt_style, record, self.job.eval.max_new_tokens,
+                        self.fabric.device)
+        self.fabric.print(f"Sample: {record['instruction']!r} -> {text!r}")
+
+    def state(self, loop: LoopState, rng: dict[str, Any], data_position: dict[str, int]) -> dict[str, Any]:
+        """Everything beyond the weights that resume needs (plain containers and tensors)."""
+        return {
+            "step": loop.step, "tokens": loop.tokens, "max_steps": loop.max_steps,
+            "train_history": loop.train_history, "val_history": loop.val_history,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "data": data_position, "rng": rng,
+        }
+
+
+def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, Any]]], Path]) -> None:
+    """The training loop: accumulate micro-batches into optimizer steps, log, validate, checkpoint, stop safely."""
     from tqdm import tqdm
 
     from lit_model.checkpointing import apply_activation_checkpointing
     from lit_model.data import collate
     from lit_model.loss import chunked_cross_entropy, lm_head_weight
 
-    args = job.train
+    fabric, model, args, out_dir = s.fabric, s.model, s.job.train, Path(s.job.out_dir)
     accum = args.global_batch_size // (args.micro_batch_size * fabric.world_size)
-    raw: GPT = model.module
     if args.activation_checkpointing:
-        apply_activation_checkpointing(raw, every=args.activation_checkpointing, offload=args.offload_activations)
+        apply_activation_checkpointing(model.module, every=args.activation_checkpointing, offload=args.offload_activations)
     model.train()
-    bar = tqdm(total=max_steps, desc="Fine-tuning", disable=not fabric.is_global_zero, dynamic_ncols=True)
-    tokens_seen, t_start = 0, time.perf_counter()
-    for step in range(1, max_steps + 1):
-        micro_batches = [collate([train_data[i] for i in next(batches)]) for _ in range(accum)]
-        targets = [b["labels"][:, 1:] for b in micro_batches]
-        # Normalise by the tokens of the whole optimizer step, so accumulation equals one large batch.
-        n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
-        if n_tokens == 0:
-            warnings.warn(f"Step {step}: every label in the batch is masked (prompt longer than max_seq_length?); skipped")
-            continue
-        step_loss = 0.0
-        for i, (batch, target) in enumerate(zip(micro_batches, targets)):
-            input_ids = fabric.to_device(batch["input_ids"][:, :-1])
-            target = fabric.to_device(target)
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                hidden = model(input_ids, return_hidden=True)
-                n = int((target != IGNORE_INDEX).sum())
-                with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
-                    weight, bias = lm_head_weight(raw.lm_head)
-                    loss = chunked_cross_entropy(hidden, weight, target, bias) * (n / n_tokens)
-                if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward
-                    fabric.backward(loss)
-            step_loss += float(loss.detach())
-            tokens_seen += input_ids.numel()
-        if args.max_norm is not None:
-            fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if step % args.log_interval == 0 or step == max_steps:
-            elapsed = time.perf_counter() - t_start
-            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / elapsed}
-            fabric.log_dict(record, step=step)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        bar.update(1)
-        if step % job.eval.interval == 0 and step < max_steps:
-            val_loss = validate(fabric, model, val_data, job)
-            fabric.log_dict({"step": step, "val_loss": val_loss}, step=step)
-            bar.write(f"step {step}: validation loss {val_loss:.4f}")
-            model.train()
-    bar.close()
+    bar = tqdm(total=loop.max_steps, initial=loop.step, desc="Fine-tuning", disable=not fabric.is_global_zero,
+               dynamic_ncols=True)
+    t_start, tokens_start = time.perf_counter(), loop.tokens
+    # RNG and data position as of the last completed step: what an interrupted run saves next to its weights.
+    snapshot = (ckpt.rng_states(), s.batches.state_dict())
+    try:
+        while loop.step < loop.max_steps:
+            micro_batches = [collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
+            targets = [b["labels"][:, 1:] for b in micro_batches]
+            # Normalise by the tokens of the whole optimizer step, so accumulation equals one large batch.
+            n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
+            step = loop.step + 1
+            if n_tokens == 0:
+                warnings.warn(f"Step {step}: every label is masked (prompts longer than max_seq_length?); skipped")
+                loop.step = step
+                snapshot = (ckpt.rng_states(), s.batches.state_dict())
+                continue
+            step_loss = torch.zeros((), device=fabric.device)
+            for i, (batch, target) in enumerate(zip(micro_batches, targets)):
+                input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(target)
+                with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                    hidden = model(input_ids, return_hidden=True)
+                    with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
+                        weight, bias = lm_head_weight(model.module.lm_head)
+                        share = int((target != IGNORE_INDEX).sum()) / n_tokens
+                        loss = chunked_cross_entropy(hidden, weight, target, bias) * share
+                    if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward
+                        fabric.backward(loss)
+                step_loss += loss.detach()
+                loop.tokens += input_ids.numel()
+            if not torch.isfinite(step_loss):  # checked before the update, so the weights stay good
+                raise NonFiniteLossError(non_finite_message(float(step_loss), step, loop.last_checkpoint))
+            if args.max_norm is not None:
+                fabric.clip_gradients(model, s.optimizer, max_norm=args.max_norm)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            s.scheduler.step()
+            loop.step = step
+            snapshot = (ckpt.rng_states(), s.batches.state_dict())
+            if step % args.log_interval == 0 or step == loop.max_steps:
+                log_step(s, loop, float(step_loss), (loop.tokens - tokens_start) / (time.perf_counter() - t_start), bar)
+            bar.update(1)
+            if step % s.job.eval.interval == 0 and step < loop.max_steps:
+                val_loss = s.validate()
+                loop.val_history.append((step, val_loss))
+                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
+                bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                s.print_sample()
+                model.train()
+            if args.save_interval and step % args.save_interval == 0:
+                state = s.state(loop, *snapshot)
+                loop.last_checkpoint = save(out_dir / ckpt.step_dir_name(step), state)
+                if fabric.is_global_zero:
+                    ckpt.prune(out_dir, args.keep_last)
+    except KeyboardInterrupt:
+        # The weights are those of the last completed step; the snapshot holds its RNG and data position.
+        bar.write(f"Interrupted: saving step {loop.step} before exiting")
+        save(out_dir / ckpt.step_dir_name(loop.step), s.state(loop, snapshot[0], snapshot[1]))
+        raise
+    finally:
+        bar.close()
 
 
-@torch.no_grad()
-def validate(fabric: Any, model: Any, val_data: Any, job: FinetuneJob) -> float:
-    """Token-weighted mean cross-entropy over the validation set (or its first `eval.max_iters` batches)."""
-    from lit_model.data import collate
-    from lit_model.loss import chunked_cross_entropy, lm_head_weight
-
-    model.eval()
-    total, count = 0.0, 0
-    size = job.train.micro_batch_size
-    starts = range(0, len(val_data), size)
-    if job.eval.max_iters is not None:
-        starts = starts[: job.eval.max_iters]
-    for start in starts:
-        batch = collate([val_data[i] for i in range(start, min(start + size, len(val_data)))])
-        target = fabric.to_device(batch["labels"][:, 1:])
-        n = int((target != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        hidden = model(fabric.to_device(batch["input_ids"][:, :-1]), return_hidden=True)
-        with fabric.autocast():
-            weight, bias = lm_head_weight(model.module.lm_head)
-            total += float(chunked_cross_entropy(hidden, weight, target, bias)) * n
-        count += n
-    model.train()
-    return total / max(count, 1)
+def log_step(s: Session, loop: LoopState, loss: float, tokens_per_s: float, bar: Any) -> None:
+    record = {"loss": loss, "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+              "peak_memory_gb": peak_memory_bytes(s.fabric.device) / 1e9}
+    s.fabric.log_dict(record, step=loop.step)
+    loop.train_history.append((loop.step, loss))
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
 
 
-def exact_match(fabric: Any, model: Any, tokenizer: Any, prompt_style: Any, records: list[dict], eval_args: EvalArgs) -> float:
-    """Share of records whose greedy completion equals the reference output (after stripping whitespace)."""
-    from lit_model.demo_tasks import exact_match as is_match
-    from lit_model.sampling import generate
-
-    raw: GPT = model.module
-    stops = prompt_style.stop_tokens(tokenizer)
-    hits = 0
-    for record in records:
-        prompt = tokenizer.encode(prompt_style.apply(record["instruction"], record.get("input", "")), device=fabric.device)
-        out = generate(raw, prompt, eval_args.max_new_tokens, temperature=0.0, stop_tokens=stops)
-        hits += is_match(tokenizer.decode(out), record["output"])
-    return hits / len(records)
+def non_finite_message(value: float, step: int, last_checkpoint: Optional[Path]) -> str:
+    where = (f"The last good checkpoint is {last_checkpoint}: resume with --resume {last_checkpoint}"
+             if last_checkpoint else "No checkpoint was saved yet (set --train.save_interval to keep some)")
+    return (f"The loss became {value} at step {step}; training stopped before applying it. {where}, after lowering "
+            "--train.learning_rate, setting --train.max_norm, or using bf16 instead of fp16.")
 
 
-def print_sample(fabric: Any, model: Any, tokenizer: Any, prompt_style: Any, record: dict, eval_args: EvalArgs) -> None:
-    from lit_model.sampling import generate
-
-    prompt = prompt_style.apply(record["instruction"], record.get("input", ""))
-    ids = tokenizer.encode(prompt, device=fabric.device)
-    out = generate(model.module, ids, eval_args.max_new_tokens, stop_tokens=prompt_style.stop_tokens(tokenizer))
-    fabric.print(f"Sample ({record['instruction']!r}) -> {tokenizer.decode(out)!r}")
-
-
-class BatchIterator:
-    """Endless, resumable micro-batches of sample indices: a fresh seeded permutation per epoch, sharded by rank."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if n < batch_size * world_size:
-            raise ValueError(f"{n} training samples cannot fill one micro-batch of {batch_size} on {world_size} devices")
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.epoch, self.position = 0, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self
-
-    def __next__(self) -> list[int]:
-        span = self.batch_size * self.world_size
-        if self.position + span > self.n:  # drop the ragged tail: every step sees full micro-batches
-            self.epoch, self.position = self.epoch + 1, 0
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        chunk = order[self.position : self.position + span].tolist()
-        self.position += span
-        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory on a GPU; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def lr_schedule(args: TrainArgs, max_steps: int) -> Callable[[int], float]:
@@ -271,6 +301,23 @@ def lr_schedule(args: TrainArgs, max_steps: int) -> Callable[[int], float]:
         return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                             betas=(args.beta1, args.beta2))
+
+
+def restore(state: dict[str, Any], optimizer: Any, scheduler: Any, batches: BatchIterator, loop: LoopState) -> None:
+    """Put optimizer, schedule, data position, RNG and loop counters back as they were when `state` was saved."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["data"])
+    ckpt.set_rng_states(state["rng"])
+    loop.step, loop.tokens = int(state["step"]), int(state["tokens"])
+    loop.train_history = [tuple(x) for x in state["train_history"]]
+    loop.val_history = [tuple(x) for x in state["val_history"]]
 
 
 # ---- building -------------------------------------------------------------------------------------------------------
@@ -301,19 +348,22 @@ def validate_job(job: FinetuneJob) -> None:
             validate_quantize_precision(job.quantize, job.precision)
         except ValueError as err:
             problems.append(str(err))
-    checkpoint = Path(job.checkpoint_dir)
-    if not (checkpoint / "model_config.yaml").is_file() or not (checkpoint / "lit_model.pth").is_file():
-        from lit_model.checkpoint_io import check_checkpoint_dir
-
+    if job.resume is not None and str(job.resume) != "auto":
         try:
-            check_checkpoint_dir(checkpoint)
+            ckpt.resolve_resume(job.resume, Path(job.out_dir))
         except FileNotFoundError as err:
             problems.append(str(err))
+    from lit_model.checkpoint_io import check_checkpoint_dir
+
+    try:
+        check_checkpoint_dir(Path(job.checkpoint_dir))
+    except FileNotFoundError as err:
+        problems.append(str(err))
     if problems:
         raise ValueError("Invalid arguments:\n  - " + "\n  - ".join(problems))
 
 
-def build_model(job: FinetuneJob, fabric: Any) -> GPT:
+def build_model(job: FinetuneJob) -> GPT:
     """Load the base weights and make the model of the job's mode: all weights trainable, or LoRA (on 4 bits)."""
     from lit_model.checkpoint_io import load_model
 
@@ -331,24 +381,27 @@ def build_model(job: FinetuneJob, fabric: Any) -> GPT:
     return apply_lora(model, job.lora)
 
 
+def load_trained_weights(model: GPT, checkpoint: Path, mode: str) -> None:
+    """The weights a training checkpoint holds: the whole model (full) or the LoRA tensors on the base (lora)."""
+    from lit_model.checkpoint_io import load_checkpoint
+
+    if mode == "lora":
+        load_checkpoint(model, checkpoint / LORA_WEIGHTS, strict=True, missing_ok=lambda key: "lora_" not in key)
+    else:
+        load_checkpoint(model, checkpoint / "lit_model.pth", strict=True)
+        model.requires_grad_(True)
+
+
 def precision_dtype(precision: str) -> Optional[torch.dtype]:
     """The weight dtype a Fabric precision setting stores (None: keep float32 weights for mixed precision)."""
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit tensor counts its logical elements."""
-    trainable = total = 0
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        n = math.prod(shape) if shape is not None else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+    """(trainable, total) parameter counts; a 4-bit weight counts its logical elements."""
+    from lit_model.lora import count_parameters as count
+
+    return count(model)
 
 
 def resolve_prompt_style(name: Optional[str], checkpoint_dir: Path, config: Config) -> Any:
@@ -364,7 +417,7 @@ def load_records_for(job: FinetuneJob, config: Config) -> tuple[list[dict], list
     """Training and validation records, and whether they are the bundled demo task set."""
     from lit_model.data import load_records, split_records
 
-    train_file, is_demo = job.data.train_file, False
+    train_file = job.data.train_file
     if train_file is None:
         if config.name == "demo":
             from lit_model.demo_tasks import write_demo_dataset
@@ -382,53 +435,70 @@ def load_records_for(job: FinetuneJob, config: Config) -> tuple[list[dict], list
             job.data.val_file = val_default
     records = load_records(Path(train_file))
     if job.data.val_file is not None:
-        return records, load_records(Path(job.data.val_file)), is_demo
+        return records, load_records(Path(job.data.val_file)), False
     train, val = split_records(records, job.data.val_split_fraction, job.seed)
-    return train, val, is_demo
+    return train, val, False
 
 
-# ---- saving ---------------------------------------------------------------------------------------------------------
+# ---- saving and outputs ---------------------------------------------------------------------------------------------
 
 
-def save_final(fabric: Any, model: Any, job: FinetuneJob, prompt_style: Any, metrics: dict[str, float]) -> Path:
-    """Write out_dir/final: weights (LoRA only for LoRA), config, tokenizer, hyper-parameters, prompt style."""
+def save_checkpoint(
+    fabric: Any, model: Any, job: FinetuneJob, prompt_style: Any, target: Path, state: Optional[dict[str, Any]],
+    metrics: dict[str, float],
+) -> Path:
+    """Write a self-contained checkpoint directory atomically; with `state`, also what resume needs."""
     from lit_model.checkpoint_io import save_state_dict
     from lit_model.prompts import save_prompt_style
     from lit_model.tokenizer import TOKENIZER_FILES
 
-    target = Path(job.out_dir) / "final"
     raw: GPT = model.module
     if job.mode == "lora":
         from lit_model.lora import lora_state_dict
 
-        state, weights_name = lora_state_dict(raw), "lit_model.lora.pth"
+        weights, weights_name = lora_state_dict(raw), LORA_WEIGHTS
     else:
-        state, weights_name = raw.state_dict(), "lit_model.pth"
-    if fabric.is_global_zero:
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_state_dict({k: v.detach().cpu() for k, v in state.items()}, tmp / weights_name)
+        weights, weights_name = raw.state_dict(), "lit_model.pth"
+
+    def write(tmp: Path) -> None:
+        save_state_dict({k: v.detach().cpu() for k, v in weights.items()}, tmp / weights_name)
         raw.config.save(tmp / "model_config.yaml")
         for name in TOKENIZER_FILES:
             if (Path(job.checkpoint_dir) / name).is_file():
                 shutil.copy2(Path(job.checkpoint_dir) / name, tmp / name)
-        hparams = {**_plain(job.hparams), "mode": job.mode, "metrics": metrics}
+        hparams = {**_plain(job.hparams), "mode": job.mode, "metrics": dict(metrics)}
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         save_prompt_style(prompt_style, tmp)
-        replace_dir(tmp, target)
+        if state is not None:
+            torch.save({**state, "metrics": dict(metrics)}, tmp / ckpt.STATE_NAME)
+
+    if fabric.is_global_zero:
+        ckpt.write_checkpoint(Path(target), write)
         fabric.print(f"Saved {target}")
     fabric.barrier()
-    return target
+    return Path(target)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place so `dst` is always either the old or the new complete version."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def make_loggers(out_dir: Path) -> list[Any]:
+    """CSV metrics always; TensorBoard too when it is installed."""
+    from lightning.fabric.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(out_dir, name="logs")]
+    try:
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
+    except ImportError:  # tensorboard (or tensorboardX) is not installed: CSV only
+        pass
+    return loggers
+
+
+def write_plot(loop: LoopState, path: Path, title: str) -> None:
+    try:
+        from lit_model.plotting import plot_loss_curve
+    except ImportError:  # pragma: no cover - matplotlib is a dependency; stay usable if it was removed
+        return
+    plot_loss_curve(loop.train_history, loop.val_history, path, title=f"{title} fine-tuning")
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,58 @@
+"""Evaluation during and after fine-tuning: validation loss, held-out exact match, a sample generation."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lit_model.model import GPT
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def validate(fabric: Any, model: Any, val_data: Any, batch_size: int, max_iters: Optional[int] = None) -> float:
+    """Token-weighted mean cross-entropy over the validation set (or its first `max_iters` batches)."""
+    from lit_model.data import collate
+    from lit_model.loss import chunked_cross_entropy, lm_head_weight
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(val_data), batch_size)
+    if max_iters is not None:
+        starts = starts[:max_iters]
+    for start in starts:
+        batch = collate([val_data[i] for i in range(start, min(start + batch_size, len(val_data)))])
+        target = fabric.to_device(batch["labels"][:, 1:])
+        n = int((target != IGNORE_INDEX).sum())
+        if n == 0:
+            continue
+        hidden = model(fabric.to_device(batch["input_ids"][:, :-1]), return_hidden=True)
+        with fabric.autocast():
+            weight, bias = lm_head_weight(model.module.lm_head)
+            total += float(chunked_cross_entropy(hidden, weight, target, bias)) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def complete(model: GPT, tokenizer: Any, prompt_style: Any, record: dict, max_new_tokens: int, device: Any) -> str:
+    """The greedy completion of one record's prompt (instruction and optional input)."""
+    from lit_model.sampling import generate
+
+    prompt = tokenizer.encode(prompt_style.apply(record["instruction"], record.get("input", "")), device=device)
+    budget = min(max_new_tokens, model.config.block_size - prompt.numel())
+    if budget <= 0:
+        return ""  # the prompt alone fills the context: nothing can be generated
+    out = generate(model, prompt, budget, temperature=0.0, stop_tokens=prompt_style.stop_tokens(tokenizer))
+    return tokenizer.decode(out)
+
+
+def exact_match(model: GPT, tokenizer: Any, prompt_style: Any, records: list[dict], max_new_tokens: int, device: Any) -> float:
+    """Share of records whose greedy completion equals the reference output (after stripping whitespace)."""
+    from lit_model.demo_tasks import exact_match as is_match
+
+    hits = sum(is_match(complete(model, tokenizer, prompt_style, r, max_new_tokens, device), r["output"]) for r in records)
+    return hits / max(len(records), 1)
