@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
 
 
@@ -19,6 +19,7 @@ def setup(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=5e-4),
     eval: EvalArgs = EvalArgs(),
+    dropbp: DropBPArgs = DropBPArgs(),
 ) -> dict[str, float]:
     """Fine-tune all weights of a model with AdamW; the final checkpoint (out_dir/final) is a full model.
 
@@ -34,10 +35,11 @@ def setup(
         data: training data.
         train: optimisation.
         eval: evaluation.
+        dropbp: DropBP (--dropbp.rate 0.5 skips about half of the blocks' backward FLOPs; 0: off).
     """
     job = FinetuneJob(
         mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
-        data=data, train=train, eval=eval, resume=resume, hparams=dict(locals()),
+        data=data, train=train, eval=eval, resume=resume, dropbp=dropbp, hparams=dict(locals()),
     )
     return run(job)
 

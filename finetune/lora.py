@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.lora import LoRAConfig
 from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
 
@@ -21,6 +21,7 @@ def setup(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=2e-3),
     eval: EvalArgs = EvalArgs(),
+    dropbp: DropBPArgs = DropBPArgs(),
     lora: LoRAConfig = LoRAConfig(),
 ) -> dict[str, float]:
     """Fine-tune a model with LoRA adapters; only the adapters train and only they are saved (out_dir/final).
@@ -39,11 +40,13 @@ def setup(
         data: training data.
         train: optimisation.
         eval: evaluation.
+        dropbp: DropBP (--dropbp.rate 0.5 skips about half of the blocks' backward FLOPs; 0: off).
         lora: LoRA rank, alpha, dropout and target layers.
     """
     job = FinetuneJob(
         mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
-        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, hparams=dict(locals()),
+        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, dropbp=dropbp,
+        hparams=dict(locals()),
     )
     return run(job)
 

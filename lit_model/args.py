@@ -144,3 +144,41 @@ class DataArgs:
         if not 0.0 < self.val_split_fraction < 1.0:
             out.append(f"--data.val_split_fraction must be in (0, 1), got {self.val_split_fraction}")
         return out
+
+
+@dataclass
+class DropBPArgs:
+    """DropBP: skip the backward of residual branches (attention, MLP) at random, forward unchanged.
+
+    Args:
+        rate: target drop rate, the FLOPs-weighted mean over branches (0: off; the paper studies 0.5, 0.75, 0.875).
+        sensitivity_at: fraction of training after which per-branch rates are re-allocated from measured gradient
+            sensitivity (0: keep uniform rates).
+        allocator: greedy (the reference: 0.1 steps, cap 0.9) or flops (exact: minimise sum S_l * b_l^2).
+        sampler: independent (Bernoulli per branch, unbiased) or topup (the official later scheme; biased upward).
+        min_rate: the lowest rate any branch may get.
+        sensitivity_samples: micro-batches averaged for the sensitivity measurement.
+    """
+
+    rate: float = 0.0
+    sensitivity_at: float = 0.1
+    allocator: str = "greedy"
+    sampler: str = "independent"
+    min_rate: float = 0.0
+    sensitivity_samples: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.rate <= 0.9:
+            out.append(f"--dropbp.rate must be in [0, 0.9] (each branch keeps >= 10% of its backwards), got {self.rate}")
+        if not 0.0 <= self.sensitivity_at < 1.0:
+            out.append(f"--dropbp.sensitivity_at must be in [0, 1), got {self.sensitivity_at}")
+        if self.allocator not in ("greedy", "flops"):
+            out.append(f"--dropbp.allocator must be greedy or flops, got {self.allocator!r}")
+        if self.sampler not in ("independent", "topup"):
+            out.append(f"--dropbp.sampler must be independent or topup, got {self.sampler!r}")
+        if self.rate > 0 and not 0.0 <= self.min_rate <= self.rate:
+            out.append(f"--dropbp.min_rate must be in [0, rate={self.rate}], got {self.min_rate}")
+        if self.sensitivity_samples <= 0:
+            out.append(f"--dropbp.sensitivity_samples must be positive, got {self.sensitivity_samples}")
+        return out

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.config import Config
 from lit_model.data import BatchIterator
 from lit_model.model import GPT
@@ -46,6 +46,7 @@ class FinetuneJob:
     lora: Any = None  # lit_model.lora.LoRAConfig for mode "lora"
     quantize: Optional[str] = None
     resume: Optional[str] = None  # "auto", a step-NNNNNN directory, or None
+    dropbp: DropBPArgs = field(default_factory=DropBPArgs)
     hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
 
 
@@ -59,6 +60,7 @@ class LoopState:
     train_history: list[tuple[int, float]] = field(default_factory=list)
     val_history: list[tuple[int, float]] = field(default_factory=list)
     last_checkpoint: Optional[Path] = None
+    calibrated: bool = False  # DropBP rates re-allocated from sensitivity already
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,6 +110,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
     optimizer = fabric.setup_optimizers(make_optimizer(model, job.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
     batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size)
+    dropbp = make_dropbp(model.module, job.dropbp, job.seed)
     n_exact = job.eval.exact_match if job.eval.exact_match is not None else (100 if is_demo else 0)
     em_records = val_records[:n_exact]
 
@@ -117,7 +120,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from)
-        restore(state, optimizer, scheduler, batches, loop)
+        restore(state, optimizer, scheduler, batches, loop, dropbp)
         metrics.update(state.get("metrics", {}))
         fabric.print(f"Resumed from {resume_from} at step {loop.step} of {loop.max_steps}")
     elif em_records:
@@ -125,11 +128,11 @@ def run(job: FinetuneJob) -> dict[str, float]:
         fabric.print(f"Held-out exact match before fine-tuning: {metrics['exact_match_before']:.3f}")
 
     def save(target: Path, state: Optional[dict[str, Any]]) -> Path:
-        return save_checkpoint(fabric, model, job, prompt_style, target, state, metrics)
+        return save_checkpoint(fabric, model, job, prompt_style, target, state, metrics, dropbp)
 
     sample_record = val_records[0] if val_records else train_records[0]
     session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
-                      sample_record)
+                      sample_record, dropbp)
     t0 = time.perf_counter()
     fit(session, loop, save)
     metrics["train_time_s"] = time.perf_counter() - t0
@@ -168,6 +171,7 @@ class Session:
     tokenizer: Any
     prompt_style: Any
     sample_record: dict
+    dropbp: Any = None  # lit_model.dropbp.DropBPHandler when --dropbp.rate > 0
 
     def validate(self) -> float:
         from lit_model.evaluation import validate
@@ -182,14 +186,50 @@ class Session:
                         self.fabric.device)
         self.fabric.print(f"Sample: {record['instruction']!r} -> {text!r}")
 
-    def state(self, loop: LoopState, rng: dict[str, Any], data_position: dict[str, int]) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
+        """RNG states, data position and DropBP generator: what the next step will consume."""
+        return {"rng": ckpt.rng_states(), "data": self.batches.state_dict(),
+                "dropbp": self.dropbp.state_dict() if self.dropbp is not None else None}
+
+    def state(self, loop: LoopState, snapshot: dict[str, Any]) -> dict[str, Any]:
         """Everything beyond the weights that resume needs (plain containers and tensors)."""
         return {
-            "step": loop.step, "tokens": loop.tokens, "max_steps": loop.max_steps,
+            "step": loop.step, "tokens": loop.tokens, "max_steps": loop.max_steps, "calibrated": loop.calibrated,
             "train_history": loop.train_history, "val_history": loop.val_history,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "data": data_position, "rng": rng,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **snapshot,
         }
+
+    def calibrate_dropbp(self, loop: LoopState) -> None:
+        """Re-allocate DropBP rates from the gradient sensitivity measured on the next micro-batches."""
+        from lit_model.data import collate
+        from lit_model.loss import chunked_cross_entropy, lm_head_weight
+
+        fabric, raw, handler, args = self.fabric, self.model.module, self.dropbp, self.job.dropbp
+        # Peek at upcoming samples without moving the data position: training still sees them in order.
+        position = self.batches.state_dict()
+        samples = [collate([self.train_data[i] for i in next(self.batches)]) for _ in range(args.sensitivity_samples)]
+        self.batches.load_state_dict(position)
+
+        def backprop_for(batch: dict[str, torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+            input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(batch["labels"][:, 1:])
+
+            def backprop(mask: Any) -> torch.Tensor:
+                with fabric.autocast():  # the unwrapped module: apply the precision's autocast ourselves
+                    hidden = raw(input_ids, drop_mask=mask, return_hidden=True)
+                    weight, bias = lm_head_weight(raw.lm_head)
+                    return chunked_cross_entropy(hidden, weight, target, bias)
+
+            return backprop
+
+        raw.train()
+        handler.sensitivity_based_drop_bp([backprop_for(b) for b in samples], target=args.rate, min_rate=args.min_rate,
+                                          allocator=args.allocator, seq_len=samples[0]["input_ids"].size(1) - 1)
+        loop.calibrated = True
+        summary = handler.summary()
+        fabric.log_dict(summary, step=loop.step)
+        rates = ", ".join(f"{r:.2f}" for r in handler.drop_rates)
+        fabric.print(f"DropBP rates from sensitivity at step {loop.step} (FLOPs-weighted mean "
+                     f"{summary['dropbp/mean_rate']:.3f}): [{rates}]")
 
 
 def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, Any]]], Path]) -> None:
@@ -208,10 +248,14 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
     bar = tqdm(total=loop.max_steps, initial=loop.step, desc="Fine-tuning", disable=not fabric.is_global_zero,
                dynamic_ncols=True)
     t_start, tokens_start = time.perf_counter(), loop.tokens
+    calibrate_at = int(s.job.dropbp.sensitivity_at * loop.max_steps) if s.job.dropbp.sensitivity_at > 0 else None
     # RNG and data position as of the last completed step: what an interrupted run saves next to its weights.
-    snapshot = (ckpt.rng_states(), s.batches.state_dict())
+    snapshot = s.snapshot()
     try:
         while loop.step < loop.max_steps:
+            if s.dropbp is not None and calibrate_at is not None and loop.step >= calibrate_at and not loop.calibrated:
+                s.calibrate_dropbp(loop)
+                snapshot = s.snapshot()
             micro_batches = [collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
             targets = [b["labels"][:, 1:] for b in micro_batches]
             # Normalise by the tokens of the whole optimizer step, so accumulation equals one large batch.
@@ -220,13 +264,14 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
             if n_tokens == 0:
                 warnings.warn(f"Step {step}: every label is masked (prompts longer than max_seq_length?); skipped")
                 loop.step = step
-                snapshot = (ckpt.rng_states(), s.batches.state_dict())
+                snapshot = s.snapshot()
                 continue
             step_loss = torch.zeros((), device=fabric.device)
             for i, (batch, target) in enumerate(zip(micro_batches, targets)):
                 input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(target)
+                mask = s.dropbp.set_dropped_layers() if s.dropbp is not None else None
                 with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                    hidden = model(input_ids, return_hidden=True)
+                    hidden = model(input_ids, drop_mask=mask, return_hidden=True)
                     with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
                         weight, bias = lm_head_weight(model.module.lm_head)
                         share = int((target != IGNORE_INDEX).sum()) / n_tokens
@@ -243,7 +288,7 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
             s.optimizer.zero_grad(set_to_none=True)
             s.scheduler.step()
             loop.step = step
-            snapshot = (ckpt.rng_states(), s.batches.state_dict())
+            snapshot = s.snapshot()
             if step % args.log_interval == 0 or step == loop.max_steps:
                 log_step(s, loop, float(step_loss), (loop.tokens - tokens_start) / (time.perf_counter() - t_start), bar)
             bar.update(1)
@@ -255,14 +300,14 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
                 s.print_sample()
                 model.train()
             if args.save_interval and step % args.save_interval == 0:
-                state = s.state(loop, *snapshot)
+                state = s.state(loop, snapshot)
                 loop.last_checkpoint = save(out_dir / ckpt.step_dir_name(step), state)
                 if fabric.is_global_zero:
                     ckpt.prune(out_dir, args.keep_last)
     except KeyboardInterrupt:
         # The weights are those of the last completed step; the snapshot holds its RNG and data position.
         bar.write(f"Interrupted: saving step {loop.step} before exiting")
-        save(out_dir / ckpt.step_dir_name(loop.step), s.state(loop, snapshot[0], snapshot[1]))
+        save(out_dir / ckpt.step_dir_name(loop.step), s.state(loop, snapshot))
         raise
     finally:
         bar.close()
@@ -303,18 +348,34 @@ def lr_schedule(args: TrainArgs, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def make_dropbp(model: GPT, args: DropBPArgs, seed: int) -> Any:
+    """The DropBP handler (uniform rates until calibration), or None when --dropbp.rate is 0."""
+    if args.rate == 0:
+        return None
+    from lit_model.dropbp import DropBPHandler
+
+    return DropBPHandler(model, drop_rate=args.rate, seed=seed, sampler=args.sampler)
+
+
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
                              betas=(args.beta1, args.beta2))
 
 
-def restore(state: dict[str, Any], optimizer: Any, scheduler: Any, batches: BatchIterator, loop: LoopState) -> None:
-    """Put optimizer, schedule, data position, RNG and loop counters back as they were when `state` was saved."""
+def restore(
+    state: dict[str, Any], optimizer: Any, scheduler: Any, batches: BatchIterator, loop: LoopState, dropbp: Any
+) -> None:
+    """Put optimizer, schedule, data position, RNG, DropBP and loop counters back as they were when saved."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
     ckpt.set_rng_states(state["rng"])
+    if (dropbp is None) != (state.get("dropbp") is None):
+        raise ValueError("--dropbp.rate must be 0 in both or positive in both the saved run and the resumed one")
+    if dropbp is not None:
+        dropbp.load_state_dict(state["dropbp"])
+    loop.calibrated = bool(state.get("calibrated", False))
     loop.step, loop.tokens = int(state["step"]), int(state["tokens"])
     loop.train_history = [tuple(x) for x in state["train_history"]]
     loop.val_history = [tuple(x) for x in state["val_history"]]
@@ -338,7 +399,7 @@ def default_precision(quantized: bool = False) -> str:
 
 def validate_job(job: FinetuneJob) -> None:
     """Check every argument at once; raise one error listing all problems."""
-    problems = job.train.problems(job.devices) + job.eval.problems() + job.data.problems()
+    problems = job.train.problems(job.devices) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
     if job.lora is not None:
         problems += job.lora.problems()
     if job.quantize is not None:
@@ -445,7 +506,7 @@ def load_records_for(job: FinetuneJob, config: Config) -> tuple[list[dict], list
 
 def save_checkpoint(
     fabric: Any, model: Any, job: FinetuneJob, prompt_style: Any, target: Path, state: Optional[dict[str, Any]],
-    metrics: dict[str, float],
+    metrics: dict[str, float], dropbp: Any = None,
 ) -> Path:
     """Write a self-contained checkpoint directory atomically; with `state`, also what resume needs."""
     from lit_model.checkpoint_io import save_state_dict
@@ -469,6 +530,8 @@ def save_checkpoint(
         hparams = {**_plain(job.hparams), "mode": job.mode, "metrics": dict(metrics)}
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         save_prompt_style(prompt_style, tmp)
+        if dropbp is not None:  # the rates, sensitivities and FLOPs this run trained with
+            (tmp / "dropbp.yaml").write_text(yaml.safe_dump(dropbp.summary(), sort_keys=False))
         if state is not None:
             torch.save({**state, "metrics": dict(metrics)}, tmp / ckpt.STATE_NAME)
 
