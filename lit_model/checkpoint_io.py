@@ -1,33 +1,36 @@
-"""Checkpoint directories and Hugging Face weights: load, save, check, and convert one tensor at a time.
+"""Our checkpoint directories: read and write state dicts, check, load into a model, and merge LoRA checkpoints.
 
 A checkpoint directory holds `lit_model.pth` (a plain state dict, loadable with `torch.load(mmap=True,
-weights_only=True)`), `model_config.yaml` and the tokenizer files. The Hugging Face weight maps below are tables:
-module names only, the leaf (`weight`, `bias`) carries through. Two HF architectures fuse projections that we keep
-apart (GPT-NeoX's `query_key_value`, Phi-3's `qkv_proj` and `gate_up_proj`); they are split on import and fused on
-export. Needs torch, safetensors and yaml only; safetensors is imported where it is used.
+weights_only=True)`), `model_config.yaml` and the tokenizer files. A LoRA fine-tune writes `lit_model.lora.pth` (the
+adapters only) and `hyperparameters.yaml` (its base model's directory and the LoRA settings) instead of
+`lit_model.pth`; `merge_lora_checkpoint` folds such a directory into a full one. Conversion to and from Hugging Face
+checkpoints lives in `lit_model.hf_convert`. Needs torch, yaml and (for .safetensors files) safetensors only.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+import yaml
 
-from lit_model.config import PRESETS, Config
+from lit_model.config import Config
 from lit_model.model import GPT
 
 WEIGHTS_NAME = "lit_model.pth"
 CONFIG_NAME = "model_config.yaml"
 # Kept next to the weights: generation reads the stop tokens from it (lit_model.tokenizer lists it too).
 GENERATION_CONFIG_NAME = "generation_config.json"
+LORA_WEIGHTS_NAME = "lit_model.lora.pth"  # a LoRA fine-tune's adapters (lit_model.lora.lora_state_dict)
+HPARAMS_NAME = "hyperparameters.yaml"  # a fine-tuning run's arguments; for LoRA: base model and LoRA settings
+PROMPT_STYLE_NAME = "prompt_style.yaml"  # lit_model.prompts writes it
+MERGED_DIR_NAME = "merged"  # merge_lora_checkpoint's default output: LORA_DIR/merged
 
 
 # ---- state dict files -----------------------------------------------------------------------------------------------
@@ -72,7 +75,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{refusal}; it holds a {type(obj).__name__}.")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
-        raise ValueError(f"{refusal}; these entries are not tensors: {_some(bad)}.")
+        raise ValueError(f"{refusal}; these entries are not tensors: {preview(bad)}.")
     return obj
 
 
@@ -146,27 +149,30 @@ def check_checkpoint_dir(checkpoint_dir: str | Path, need_weights: bool = True) 
     """
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {str(directory)!r} does not exist. {_download_hint(directory)}")
+        raise FileNotFoundError(f"Checkpoint directory {str(directory)!r} does not exist. {download_hint(directory)}")
     wanted = (WEIGHTS_NAME, CONFIG_NAME) if need_weights else (CONFIG_NAME,)
     missing = [name for name in wanted if not (directory / name).is_file()]
     if not missing:
         return directory
+    from lit_model.hf_convert import hf_weight_files
+
     if (directory / "config.json").is_file() and hf_weight_files(directory):
         fix = (
             "It holds Hugging Face weights: convert them with "
             f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {directory}`."
         )
-    elif need_weights and (directory / "lit_model.lora.pth").is_file():
+    elif need_weights and (directory / LORA_WEIGHTS_NAME).is_file():
         fix = (
             "It holds LoRA weights only: merge them into their base model with "
             f"`python scripts/merge_lora.py --checkpoint_dir {directory}`, or pass the base model's directory."
         )
     else:
-        fix = _download_hint(directory)
+        fix = download_hint(directory)
     raise FileNotFoundError(f"Checkpoint directory {str(directory)!r} lacks {' and '.join(missing)}. {fix}")
 
 
-def _download_hint(directory: Path) -> str:
+def download_hint(directory: Path) -> str:
+    """The command that fetches the model a (missing or incomplete) checkpoint directory should hold."""
     parts = directory.parts
     if len(parts) >= 3 and parts[-3] == "checkpoints":  # checkpoints/ORG/NAME names its Hugging Face repository
         return f"Download and convert the model with `python scripts/download.py --repo_id {parts[-2]}/{parts[-1]}`."
@@ -230,21 +236,24 @@ def load_checkpoint(
         head = state.pop("lm_head.weight", None)
         if head is not None and "transformer.wte.weight" not in state:
             state["transformer.wte.weight"] = head
-    absent, unexpected, mismatched = _compare(expected, state)
+    absent, unexpected, mismatched = compare_keys(expected, state)
     allowed = [k for k in absent if missing_ok is not None and missing_ok(k)]
     missing = [k for k in absent if k not in allowed]
     if mismatched or (strict and (missing or unexpected)):
-        raise ValueError(_mismatch_message(str(path), missing, unexpected, mismatched))
+        raise ValueError(mismatch_message(str(path), missing, unexpected, mismatched))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     return allowed
 
 
-def _compare(
+def compare_keys(
     expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
 ) -> tuple[list[str], list[str], list[str]]:
-    """Keys missing from `found`, keys `expected` lacks, and "key: file (shape), model (shape)" for shape mismatches."""
+    """Keys missing from `found`, keys `expected` lacks, and "key: file (shape), model (shape)" for shape mismatches.
+
+    Shared with lit_model.hf_convert, as is `mismatch_message`.
+    """
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -260,16 +269,17 @@ def _is_tied(model: torch.nn.Module) -> bool:
     return bool(getattr(config, "tie_embeddings", False))
 
 
-def _mismatch_message(
+def mismatch_message(
     source: str, missing: list[str], unexpected: list[str], mismatched: list[str], advice: Optional[str] = None
 ) -> str:
+    """A user-facing error text listing what differs between a weight file and its model, and what to do."""
     lines = [f"The weights in {source} do not match the model its config describes:"]
     if missing:
-        lines.append(f"  missing from the weights ({len(missing)}): {_some(missing)}")
+        lines.append(f"  missing from the weights ({len(missing)}): {preview(missing)}")
     if unexpected:
-        lines.append(f"  not in the model ({len(unexpected)}): {_some(unexpected)}")
+        lines.append(f"  not in the model ({len(unexpected)}): {preview(unexpected)}")
     if mismatched:
-        lines.append(f"  shape differs ({len(mismatched)}): {_some(mismatched)}")
+        lines.append(f"  shape differs ({len(mismatched)}): {preview(mismatched)}")
     lines.append(
         advice
         or "The config (model_config.yaml, config.json or --model_name) and the weights must describe the same model "
@@ -278,7 +288,8 @@ def _mismatch_message(
     return "\n".join(lines)
 
 
-def _some(items: list[str], limit: int = 8) -> str:
+def preview(items: list[str], limit: int = 8) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
@@ -301,518 +312,253 @@ def load_model(
     return model.to(device).eval()
 
 
-# ---- Hugging Face weight maps ---------------------------------------------------------------------------------------
 
 
-class UnknownTensorError(ValueError):
-    """A Hugging Face tensor name that the weight map of its architecture does not know."""
-
-
-@dataclass(frozen=True)
-class HFLayout:
-    """How one Hugging Face architecture names its weights, as module names (the leaf carries through)."""
-
-    top: Mapping[str, str]  # HF module -> ours, outside the blocks
-    layers: str  # HF prefix of the block list; block i's modules are f"{layers}.{i}.{module}"
-    layer: Mapping[str, str]  # HF module inside a block -> ours
-    # HF module inside a block -> ours that it packs, in row order
-    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # GPT-NeoX packs q, k, v per head: rows (n_head, 3, head_size). Phi-3 simply stacks [q; k; v] and [gate; up].
-    per_head_qkv: bool = False
-    ignored: tuple[str, ...] = ()  # suffixes of HF tensors that are buffers, not weights
-
-
-_LLAMA_TOP = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
-_LLAMA_BLOCK = {
-    "input_layernorm": "norm_1",
-    "self_attn.q_proj": "attn.query",
-    "self_attn.k_proj": "attn.key",
-    "self_attn.v_proj": "attn.value",
-    "self_attn.o_proj": "attn.proj",
-    "post_attention_layernorm": "norm_2",
-    "mlp.gate_proj": "mlp.fc_1",
-    "mlp.up_proj": "mlp.fc_2",
-    "mlp.down_proj": "mlp.proj",
-}
-_LLAMA = HFLayout(_LLAMA_TOP, "model.layers", _LLAMA_BLOCK, ignored=("rotary_emb.inv_freq",))
-_PHI3 = HFLayout(
-    _LLAMA_TOP,
-    "model.layers",
-    {
-        "input_layernorm": "norm_1",
-        "self_attn.o_proj": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.down_proj": "mlp.proj",
-    },
-    fused={
-        "self_attn.qkv_proj": ("attn.query", "attn.key", "attn.value"),
-        "mlp.gate_up_proj": ("mlp.fc_1", "mlp.fc_2"),
-    },
-    ignored=("rotary_emb.inv_freq",),
-)
-_GPT_NEOX = HFLayout(
-    {"gpt_neox.embed_in": "transformer.wte", "gpt_neox.final_layer_norm": "transformer.ln_f", "embed_out": "lm_head"},
-    "gpt_neox.layers",
-    {
-        "input_layernorm": "norm_1",
-        "attention.dense": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.dense_h_to_4h": "mlp.fc",
-        "mlp.dense_4h_to_h": "mlp.proj",
-    },
-    fused={"attention.query_key_value": ("attn.query", "attn.key", "attn.value")},
-    per_head_qkv=True,
-    # Older checkpoints (e.g. the Pythia .bin files) store the causal mask and RoPE frequencies as buffers.
-    ignored=("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"),
-)
-HF_LAYOUTS: dict[str, HFLayout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gemma": _LLAMA,
-    "phi3": _PHI3,
-    "gpt_neox": _GPT_NEOX,
-}
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM",
-}
-
-
-def hf_to_lit(name: str, tensor: torch.Tensor, config: Config) -> list[tuple[str, torch.Tensor]]:
-    """Our (name, tensor) pairs for one tensor of a Hugging Face checkpoint of `config.hf_model_type`.
-
-    Fused projections split into several; buffers that are not weights, and the LM head of a model with tied
-    embeddings, give none. The tensors returned may be views of `tensor`.
-    """
-    layout = HF_LAYOUTS[config.hf_model_type]
-    if name.endswith(layout.ignored):
-        return []
-    module, _, leaf = name.rpartition(".")
-    if module in layout.top:
-        ours = layout.top[module]
-        if ours == "lm_head" and config.tie_embeddings:
-            return []  # the head is the embedding; some tied checkpoints store a copy anyway
-        return [(f"{ours}.{leaf}", tensor)]
-    match = re.fullmatch(rf"{re.escape(layout.layers)}\.(\d+)\.(.+)", module)
-    if match is not None:
-        prefix, sub = f"transformer.h.{match.group(1)}", match.group(2)
-        if sub in layout.layer:
-            return [(f"{prefix}.{layout.layer[sub]}.{leaf}", tensor)]
-        if sub in layout.fused:
-            parts = layout.fused[sub]
-            pieces = _split(tensor, parts, config, layout.per_head_qkv, name)
-            return [(f"{prefix}.{part}.{leaf}", piece) for part, piece in zip(parts, pieces)]
-    raise UnknownTensorError(
-        f"Unexpected tensor {name!r} in a {config.hf_model_type} checkpoint: it has no counterpart in our model. "
-        "The checkpoint may be of another architecture than its config (or --model_name) says, or use a feature "
-        "we do not support (e.g. biases on the attention output)."
-    )
-
-
-def lit_to_hf(state_dict: Iterable[tuple[str, torch.Tensor]], config: Config) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face (name, tensor) pairs for our (name, tensor) pairs (e.g. `state_dict.items()`).
-
-    Fused projections are emitted once all their parts have been seen. With tied embeddings `lm_head.weight` is
-    skipped: Hugging Face ties it to the embedding when loading.
-    """
-    layout = HF_LAYOUTS[config.hf_model_type]
-    top = {ours: hf for hf, ours in layout.top.items()}
-    layer = {ours: hf for hf, ours in layout.layer.items()}
-    fused = {part: (hf, i) for hf, parts in layout.fused.items() for i, part in enumerate(parts)}
-    pending: dict[str, dict[int, torch.Tensor]] = {}
-    for name, tensor in state_dict:
-        module, _, leaf = name.rpartition(".")
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        if module in top:
-            yield f"{top[module]}.{leaf}", tensor
-            continue
-        match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", module)
-        sub = match.group(2) if match else None
-        if sub in layer:
-            yield f"{layout.layers}.{match.group(1)}.{layer[sub]}.{leaf}", tensor
-        elif sub in fused:
-            hf_module, index = fused[sub]
-            key = f"{layout.layers}.{match.group(1)}.{hf_module}.{leaf}"
-            parts = pending.setdefault(key, {})
-            parts[index] = tensor
-            if len(parts) == len(layout.fused[hf_module]):
-                del pending[key]
-                yield key, _fuse([parts[i] for i in range(len(parts))], config, layout.per_head_qkv)
-        else:
-            raise ValueError(
-                f"{name!r} has no Hugging Face {config.hf_model_type} counterpart. LoRA or quantization state cannot "
-                "be exported: merge LoRA weights into the base model first (`python scripts/merge_lora.py`)."
-            )
-    if pending:
-        raise ValueError(f"Incomplete fused weights (a part is missing): {_some(sorted(pending))}")
-
-
-def _out_features(module: str, config: Config) -> int:
-    """Rows of the weight of one of our linear layers that HF fuses."""
-    assert config.head_size is not None and config.n_query_groups is not None
-    return {
-        "attn.query": config.n_head * config.head_size,
-        "attn.key": config.n_query_groups * config.head_size,
-        "attn.value": config.n_query_groups * config.head_size,
-        "mlp.fc_1": config.intermediate_size,
-        "mlp.fc_2": config.intermediate_size,
-    }[module]
-
-
-def _split(
-    tensor: torch.Tensor, parts: tuple[str, ...], config: Config, per_head: bool, name: str
-) -> list[torch.Tensor]:
-    """One HF fused tensor (weight or bias) cut into our parts; raises when its rows do not fit the config."""
-    sizes = [_out_features(part, config) for part in parts]
-    if tensor.shape[0] != sum(sizes):
-        raise ValueError(
-            f"{name} has {tensor.shape[0]} rows, the config expects {sum(sizes)} ({' + '.join(map(str, sizes))} for "
-            f"{', '.join(parts)}). The config does not describe these weights."
-        )
-    if per_head:
-        nh, hs, rest = config.n_head, config.head_size, tensor.shape[1:]
-        if config.n_query_groups != nh:
-            raise ValueError(
-                f"GPT-NeoX packs one key/value head per query head, but the config has n_head={nh} and "
-                f"n_query_groups={config.n_query_groups}"
-            )
-        packed = tensor.reshape(nh, 3, hs, *rest)  # (nh, 3, hs[, C])
-        return [packed[:, j].reshape(nh * hs, *rest) for j in range(3)]  # each (nh * hs[, C])
-    return list(tensor.split(sizes, dim=0))
-
-
-def _fuse(parts: list[torch.Tensor], config: Config, per_head: bool) -> torch.Tensor:
-    """The inverse of `_split`."""
-    if per_head:
-        nh, hs, rest = config.n_head, config.head_size, parts[0].shape[1:]
-        stacked = torch.stack([p.reshape(nh, hs, *rest) for p in parts], dim=1)  # (nh, 3, hs[, C])
-        return stacked.reshape(3 * nh * hs, *rest)
-    return torch.cat(parts, dim=0)
-
-
-# ---- Hugging Face checkpoint directories -> ours --------------------------------------------------------------------
-
-
-def hf_weight_files(directory: Path) -> list[Path]:
-    """The weight files of a Hugging Face checkpoint: safetensors preferred, then PyTorch .bin; shards in order.
-
-    An `*.index.json` names the shards when present. Mistral's `consolidated.safetensors` (the same weights under
-    other names), hidden files (temporary files, macOS `._*` forks) and training state are skipped.
-    """
-
-    def wanted(path: Path) -> bool:
-        name = path.name
-        return not name.startswith((".", "consolidated")) and name not in ("training_args.bin", "optimizer.bin")
-
-    for suffix in (".safetensors", ".bin"):
-        index = [p for p in sorted(directory.glob(f"*{suffix}.index.json")) if wanted(p)]
-        if index:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-            return [directory / name for name in dict.fromkeys(weight_map.values())]
-        files = [p for p in sorted(directory.glob(f"*{suffix}")) if wanted(p)]
-        if files:
-            return files
-    return []
-
-
-def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one weight file, read one at a time (safetensors) or memory-mapped (.bin)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        yield from load_state_dict(path).items()
+_PRECISION_DTYPES = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
 
 
 def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """A floating-point torch dtype from its name ("bfloat16", "torch.float16", ...); None stays None."""
+    """A floating-point torch dtype from its name ("bfloat16", "torch.float16", ...) or a Fabric "-true" precision
+    ("bf16-true", "32-true", "16-true"); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    name = _PRECISION_DTYPES.get(str(dtype), str(dtype))
+    value = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"Unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (or leave it unset).")
+        raise ValueError(
+            f"Unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (or 32-true, bf16-true, 16-true; "
+            "or leave it unset)."
+        )
     return value
 
 
-def hf_checkpoint_config(checkpoint_dir: str | Path, model_name: Optional[str] = None) -> Config:
-    """The Config for a Hugging Face checkpoint directory: the preset `model_name`, else its config.json."""
-    directory = Path(checkpoint_dir)
-    if model_name is not None:
-        return Config.from_name(model_name)
-    path = directory / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No config.json in {directory}: pass --model_name with a preset name instead "
-            f"(one of {', '.join(sorted(PRESETS))})."
-        )
-    hf = json.loads(path.read_text())
-    config = Config.from_hf_config(hf, name=hf.get("_name_or_path", "").split("/")[-1] or directory.name)
-    if not config.hf_repo and config.name in PRESETS:  # a label for prompt styles, not a source of numbers
-        config = Config(**{**asdict(config), "hf_repo": PRESETS[config.name]["hf_repo"]})
-    return config
+# ---- LoRA checkpoint directories ------------------------------------------------------------------------------------
 
 
-def convert_hf_checkpoint(
-    checkpoint_dir: str | Path, dtype: Optional[str | torch.dtype] = None, model_name: Optional[str] = None
-) -> Path:
-    """Convert the Hugging Face checkpoint in `checkpoint_dir` into lit_model.pth + model_config.yaml beside it.
+def is_lora_checkpoint(checkpoint_dir: str | Path) -> bool:
+    """Whether a directory holds a LoRA fine-tune's adapters (lit_model.lora.pth)."""
+    return (Path(checkpoint_dir) / LORA_WEIGHTS_NAME).is_file()
 
-    Tensors are read one at a time (safetensors `get_tensor`, memory-mapped .bin) and the converted tensors of one
-    shard are flushed to a temporary file before the next shard is read, so memory peaks at about one shard; the
-    shards are then joined into lit_model.pth from memory-mapped files. Every name and shape is checked against the
-    model the config describes. Returns the path of lit_model.pth.
+
+@dataclass(frozen=True)
+class LoRACheckpoint:
+    """A LoRA fine-tune's directory, read and checked: its base model, and how its adapters were built."""
+
+    directory: Path
+    base_dir: Path  # the base model's checkpoint directory (lit_model.pth)
+    config: Config  # the base model's config
+    lora: Any  # lit_model.lora.LoRAConfig (typed Any: lit_model.lora is imported where it is used)
+    quantize: Optional[str]  # the bnb mode the base was quantized with during training (QLoRA), else None
+    hparams: dict[str, Any]  # the whole hyperparameters.yaml
+
+
+def read_lora_checkpoint(checkpoint_dir: str | Path, base_dir: Optional[str | Path] = None) -> LoRACheckpoint:
+    """Read a LoRA checkpoint directory's hyperparameters.yaml and find its base model.
+
+    The base is `base_dir` when given, else the `checkpoint_dir` the training run recorded (a relative path is taken
+    relative to the current directory, as the training run took it). The base must hold a full checkpoint whose
+    model_config.yaml equals the LoRA directory's. Every problem raises with what to do about it.
     """
+    from lit_model.lora import LoRAConfig
+
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {str(directory)!r} does not exist. {_download_hint(directory)}")
-    target_dtype = parse_dtype(dtype)
-    config = hf_checkpoint_config(directory, model_name)
-    files = hf_weight_files(directory)
-    if not files:
-        raise FileNotFoundError(
-            f"No Hugging Face weights (*.safetensors or *.bin) in {directory}. {_download_hint(directory)}"
-        )
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
-    if config.tie_embeddings:
-        del expected["lm_head.weight"]
-    seen: set[str] = set()
-    parts: list[Path] = []
-    try:
-        for path in files:
-            shard = _convert_file(path, config, expected, target_dtype)
-            seen.update(shard)
-            if len(files) == 1:
-                joined = shard
-            else:
-                parts.append(directory / f".{WEIGHTS_NAME}.part{len(parts)}.tmp")
-                save_state_dict(shard, parts[-1])
-            del shard
-        missing = [k for k in expected if k not in seen]
-        if missing:
-            raise ValueError(_mismatch_message(str(directory), missing, [], []))
-        if parts:
-            joined = {}
-            for part in parts:
-                joined.update(load_state_dict(part))  # memory-mapped: torch.save streams them from the page cache
-        joined = {k: joined[k] for k in expected}  # the model's order
-        if config.tie_embeddings:  # stored once, referenced twice, so a plain load_state_dict also works
-            joined["lm_head.weight"] = joined["transformer.wte.weight"]
-        save_state_dict(joined, directory / WEIGHTS_NAME)
-    finally:
-        for part in parts:
-            part.unlink(missing_ok=True)
-    # Written last: a directory with model_config.yaml has complete weights.
-    config.save(directory / CONFIG_NAME)
-    return directory / WEIGHTS_NAME
-
-
-def _convert_file(
-    path: Path, config: Config, expected: Mapping[str, torch.Size], dtype: Optional[torch.dtype]
-) -> dict[str, torch.Tensor]:
-    """Our tensors from one HF weight file, each with storage of its own; raises on unknown names or shapes."""
-    out: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for hf_name, hf_tensor in _iter_hf_tensors(path):
-        try:
-            pairs = hf_to_lit(hf_name, hf_tensor, config)
-        except UnknownTensorError:
-            unexpected.append(hf_name)
-            continue
-        except ValueError as err:  # a fused tensor whose rows do not fit the config
-            mismatched.append(str(err))
-            continue
-        for name, tensor in pairs:
-            if name not in expected:
-                unexpected.append(f"{hf_name} (as {name})")
-            elif tensor.shape != expected[name]:
-                mismatched.append(f"{hf_name} (as {name}): file {tuple(tensor.shape)}, model {tuple(expected[name])}")
-            else:
-                tensor = tensor.to(dtype) if dtype is not None else tensor
-                # A slice of a fused tensor (or a tensor of a memory-mapped file) would drag its whole storage into
-                # torch.save: give every tensor compact storage of its own.
-                if tensor.untyped_storage().nbytes() != tensor.nbytes or not tensor.is_contiguous():
-                    tensor = tensor.clone(memory_format=torch.contiguous_format)
-                out[name] = tensor
-    if unexpected or mismatched:
-        raise ValueError(_mismatch_message(str(path), [], unexpected, mismatched))
-    return out
-
-
-# ---- ours -> Hugging Face config.json -------------------------------------------------------------------------------
-
-
-def hf_config_dict(config: Config, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A Hugging Face `config.json` (as a dict) for `config.hf_model_type` that describes the same model.
-
-    Raises ValueError when the architecture cannot express the config (checked by mapping the result back with
-    `Config.from_hf_config` and comparing every field).
-    """
-    mt = config.hf_model_type
-    hf: dict[str, Any] = dict(
-        architectures=[HF_ARCHITECTURES[mt]],
-        model_type=mt,
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        max_position_embeddings=config.block_size,
-        rope_theta=config.rope_base,
-        tie_word_embeddings=config.tie_embeddings,
-        torch_dtype=str(dtype).removeprefix("torch."),
-        initializer_range=0.02,
-        use_cache=True,
-    )
-    act = "gelu" if config.gelu_approximate == "none" else "gelu_pytorch_tanh"
-    if mt == "gpt_neox":
-        hf.update(
-            rotary_pct=config.rotary_percentage,
-            rotary_emb_base=config.rope_base,
-            layer_norm_eps=config.norm_eps,
-            use_parallel_residual=config.parallel_residual,
-            hidden_act=act,
-            attention_bias=True,
-        )
-    else:
-        hf.update(num_key_value_heads=config.n_query_groups, head_dim=config.head_size, rms_norm_eps=config.norm_eps)
-        hf["hidden_act"] = act if mt == "gemma" else "silu"
-        if mt in ("llama", "mistral"):
-            hf.update(attention_bias=config.attn_bias, mlp_bias=False)
-        if mt == "phi3" and config.rotary_percentage != 1.0:
-            hf["partial_rotary_factor"] = config.rotary_percentage
-    if mt in ("mistral", "phi3"):
-        hf["sliding_window"] = config.sliding_window
-    elif mt == "qwen2":
-        # Qwen2 windows the layers from max_window_layers on: 0 windows them all, as our config does.
-        hf.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
-                  max_window_layers=0 if config.sliding_window is not None else config.n_layer)
-    if config.rope_adjustments:
-        adj = config.rope_adjustments
-        hf["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": adj["factor"],
-            "low_freq_factor": adj["low_freq_factor"],
-            "high_freq_factor": adj["high_freq_factor"],
-            "original_max_position_embeddings": int(adj["original_max_seq_len"]),
-        }
-    _check_round_trip(config, hf)
-    return hf
-
-
-def _check_round_trip(config: Config, hf: dict[str, Any]) -> None:
-    try:
-        back = Config.from_hf_config(hf, name=config.name)
-    except ValueError as err:
-        raise ValueError(f"Config {config.name!r} cannot be exported as {config.hf_model_type}: {err}") from err
-
-    def fields_of(c: Config) -> dict[str, Any]:
-        d = asdict(c)
-        d.pop("name"), d.pop("hf_repo")
-        if d["sliding_window"] is not None and d["sliding_window"] >= d["block_size"]:
-            d["sliding_window"] = None  # a window as long as the context is no window
-        return d
-
-    ours, theirs = fields_of(config), fields_of(back)
-    diffs = [f"{k} (ours {ours[k]!r}, expressible: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
-    if diffs:
+        raise FileNotFoundError(f"Checkpoint directory {str(directory)!r} does not exist.")
+    if not is_lora_checkpoint(directory):
+        what = "a full model (lit_model.pth)" if (directory / WEIGHTS_NAME).is_file() else "no model weights"
         raise ValueError(
-            f"Config {config.name!r} cannot be expressed as a Hugging Face {config.hf_model_type} model; these fields "
-            f"differ: {'; '.join(diffs)}. Set hf_model_type to an architecture that has them."
+            f"{directory} is not a LoRA checkpoint: it has no {LORA_WEIGHTS_NAME} (it holds {what}). LoRA and QLoRA "
+            "fine-tunes write one to OUT_DIR/final; pass such a directory."
         )
-
-
-# ---- ours -> Hugging Face checkpoint directories --------------------------------------------------------------------
-
-
-def export_hf_checkpoint(
-    checkpoint_dir: str | Path, output_dir: str | Path, max_shard_size: int | str = "5GB"
-) -> Path:
-    """Write our checkpoint as a Hugging Face one: config.json, model.safetensors (sharded with an index when larger
-    than `max_shard_size`), the tokenizer files and generation_config.json. Returns `output_dir`.
-
-    `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` then gives our logits.
-    """
-    directory = check_checkpoint_dir(checkpoint_dir)
-    out = Path(output_dir)
-    if out.is_dir() and (any(out.glob("*.safetensors")) or (out / "config.json").exists()):
-        raise FileExistsError(
-            f"{out} already holds a Hugging Face checkpoint (config.json or *.safetensors). Pass an empty or new "
-            "--output_dir (or delete the old files first)."
+    hparams_path = directory / HPARAMS_NAME
+    if not hparams_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} holds LoRA weights but no {HPARAMS_NAME}, which records the base model (checkpoint_dir) and "
+            "the LoRA settings (lora: r, alpha, targets). Copy it from the training run's output directory."
         )
-    limit = _parse_size(max_shard_size)
-    config = Config.from_checkpoint(directory)
-    state = load_state_dict(directory / WEIGHTS_NAME)  # memory-mapped
-    with torch.device("meta"):
-        expected = GPT(config).state_dict()
-    if config.tie_embeddings:  # Hugging Face ties the head to the embedding itself
-        expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)
-    missing, unexpected, mismatched = _compare(expected, state)
-    if missing or unexpected or mismatched:
-        advice = None
-        if any(".lora_" in k for k in unexpected):
-            advice = "LoRA weights cannot be exported: merge them first (`python scripts/merge_lora.py`)."
-        raise ValueError(_mismatch_message(str(directory / WEIGHTS_NAME), missing, unexpected, mismatched, advice))
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    hf_config = hf_config_dict(config, dtype)
-    generation = directory / GENERATION_CONFIG_NAME
-    if generation.is_file():  # transformers reads the special tokens from config.json too
-        tokens = json.loads(generation.read_text())
-        hf_config.update({k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in tokens})
-
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    total = size = 0
-
-    def flush() -> None:
-        path = out / f".model-part{len(shards)}.tmp.safetensors"  # renamed once the shard count is known
-        save_state_dict(shard, path)
-        shards.append((path, list(shard)))
-        shard.clear()
-
+    hparams = yaml.safe_load(hparams_path.read_text()) or {}
+    settings = hparams.get("lora") if isinstance(hparams, dict) else None
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{hparams_path} has no `lora:` mapping (r, alpha, dropout and the target switches), so the adapters "
+            "cannot be rebuilt. It must be the file the LoRA training run wrote."
+        )
+    known = {f.name for f in fields(LoRAConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{hparams_path}: unknown LoRA settings {unknown}; valid ones: {sorted(known)}.")
+    lora = LoRAConfig(**settings)
+    lora.validate()
+    base = base_dir if base_dir is not None else hparams.get("checkpoint_dir")
+    if base is None:
+        raise ValueError(f"{hparams_path} does not name the base model (checkpoint_dir): pass --base_dir.")
+    base = Path(base)
+    source = "--base_dir" if base_dir is not None else f"checkpoint_dir in {hparams_path}"
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"The base model of the LoRA checkpoint {directory}, {str(base)!r} ({source}), is not there. Pass "
+            "--base_dir with the directory of the model the adapters were trained on, or put it back at that path."
+        )
     try:
-        for name, tensor in lit_to_hf(state.items(), config):
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard and size + nbytes > limit:
-                flush()
-                size = 0
-            shard[name] = tensor
-            size += nbytes
-            total += nbytes
-        flush()
-        n = len(shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for (tmp, _), name in zip(shards, names):
-            os.replace(tmp, out / name)
-    finally:
-        for tmp, _ in shards:
-            tmp.unlink(missing_ok=True)
-    if n > 1:
-        weight_map = {key: name for (_, keys), name in zip(shards, names) for key in keys}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    copy_support_files(directory, out)
+        check_checkpoint_dir(base)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"The base model of the LoRA checkpoint {directory} ({source}) is not usable: {err}")
+    config = Config.from_checkpoint(base)
+    if (directory / CONFIG_NAME).is_file():
+        trained, ours = asdict(Config.from_checkpoint(directory)), asdict(config)
+        diffs = [
+            f"{k} ({trained[k]!r} vs {ours[k]!r})"
+            for k in ours
+            if k not in ("name", "hf_repo") and ours[k] != trained[k]  # labels, not shapes
+        ]
+        if diffs:
+            raise ValueError(
+                f"The base model {base} ({source}) is not the one the adapters in {directory} were trained on: their "
+                f"model_config.yaml files differ in {preview(diffs)}. Pass --base_dir with the right model."
+            )
+    return LoRACheckpoint(directory, base, config, lora, hparams.get("quantize"), hparams)
+
+
+def load_lora_weights(checkpoint: LoRACheckpoint) -> dict[str, torch.Tensor]:
+    """The adapters of a LoRA checkpoint, checked against those its settings put on its base model.
+
+    Keys are ours (`transformer.h.0.attn.query.lora_A`); A is (r, in) and B (out, r), in their stored dtype.
+    """
+    from lit_model.lora import LORA_KEYS, lora_target_names
+
+    path = checkpoint.directory / LORA_WEIGHTS_NAME
+    found = load_state_dict(path)
+    with torch.device("meta"):
+        model = GPT(checkpoint.config)
+    if checkpoint.lora.head and checkpoint.config.tie_embeddings:
+        raise ValueError(
+            f"{checkpoint.directory}: LoRA on the LM head of a model with tied embeddings cannot be merged (the head "
+            "is the embedding matrix). Such adapters cannot have been trained here: check hyperparameters.yaml."
+        )
+    r = checkpoint.lora.r
+    expected = {}
+    for name in lora_target_names(model, checkpoint.lora):
+        out_features, in_features = model.get_submodule(name).weight.shape
+        expected[f"{name}.{LORA_KEYS[0]}"] = torch.empty(r, in_features, device="meta")
+        expected[f"{name}.{LORA_KEYS[1]}"] = torch.empty(out_features, r, device="meta")
+    missing, unexpected, mismatched = compare_keys(expected, found)
+    if missing or unexpected or mismatched:
+        advice = (
+            f"The LoRA settings in {checkpoint.directory / HPARAMS_NAME} (lora: r={r}, targets "
+            f"{[k for k, on in checkpoint.lora.targets.items() if on]}) and {LORA_WEIGHTS_NAME} must come from the "
+            "same training run, on this base model."
+        )
+        raise ValueError(mismatch_message(str(path), missing, unexpected, mismatched, advice))
+    return found
+
+
+def merge_lora_weights(checkpoint: LoRACheckpoint, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter folded in: W + B @ A * alpha / r.
+
+    Each merged weight is computed in float32 and rounded once, to `dtype` (default: the base weight's stored dtype);
+    the other tensors stay memory-mapped unless cast to `dtype`. The base checkpoint file is never modified.
+
+    A QLoRA run trained its adapters against the 4-bit rounding of the base weights; they are merged into the dense
+    base weights, as Lit-GPT and peft do. The merged model therefore differs from the QLoRA model by the base's
+    quantization error (the same amount by which the 4-bit base differs from the dense base), not by the adapters.
+    """
+    base_path = checkpoint.base_dir / WEIGHTS_NAME
+    base = load_state_dict(base_path)
+    lora = load_lora_weights(checkpoint)
+    with torch.device("meta"):
+        expected = GPT(checkpoint.config).state_dict()
+    tied = checkpoint.config.tie_embeddings
+    if tied:  # one tensor under two names; a tied checkpoint may or may not store the head
+        expected.pop("lm_head.weight")
+        head = base.pop("lm_head.weight", None)
+        if head is not None and "transformer.wte.weight" not in base:
+            base["transformer.wte.weight"] = head
+    missing, unexpected, mismatched = compare_keys(expected, base)
+    if missing or unexpected or mismatched:
+        raise ValueError(mismatch_message(str(base_path), missing, unexpected, mismatched))
+    scaling = checkpoint.lora.alpha / checkpoint.lora.r
+    merged: dict[str, torch.Tensor] = {}
+    for name in expected:
+        tensor = base[name]
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A" in lora:
+            a, b = lora[f"{module}.lora_A"].float(), lora[f"{module}.lora_B"].float()  # (r, in), (out, r)
+            tensor = (tensor.float() + (b @ a) * scaling).to(dtype or tensor.dtype)
+        elif dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        merged[name] = tensor
+    if tied:
+        merged["lm_head.weight"] = merged["transformer.wte.weight"]
+    return merged
+
+
+def lora_support_dir(checkpoint: LoRACheckpoint) -> Path:
+    """Where a LoRA checkpoint's tokenizer is: its own directory when it has tokenizer files, else its base's."""
+    has_tokenizer = any((checkpoint.directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    return checkpoint.directory if has_tokenizer else checkpoint.base_dir
+
+
+def merge_lora_checkpoint(
+    checkpoint_dir: str | Path,
+    output_dir: Optional[str | Path] = None,
+    dtype: Optional[str | torch.dtype] = None,
+    base_dir: Optional[str | Path] = None,
+) -> Path:
+    """Merge a LoRA checkpoint into its base model and write a full, self-contained checkpoint directory.
+
+    The output (default `checkpoint_dir/merged`) gets lit_model.pth, model_config.yaml, the tokenizer files,
+    prompt_style.yaml and hyperparameters.yaml (the training run's, with `mode: merged` and where it came from). It
+    is written under a temporary name and renamed when complete, so it never exists half-written; an existing
+    non-empty output directory is refused. See `merge_lora_weights` for the arithmetic and QLoRA. Returns the output.
+    """
+    checkpoint = read_lora_checkpoint(checkpoint_dir, base_dir)
+    out = Path(output_dir) if output_dir is not None else checkpoint.directory / MERGED_DIR_NAME
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty: pass another --output_dir, or delete it first.")
+    target_dtype = parse_dtype(dtype)
+    state = merge_lora_weights(checkpoint, target_dtype)
+    stored = next(t.dtype for t in state.values() if t.is_floating_point())
+    hparams = {
+        **checkpoint.hparams,
+        "mode": "merged",
+        "merged_from": str(checkpoint.directory),
+        "base_checkpoint_dir": str(checkpoint.base_dir),
+        "merged_dtype": str(stored).removeprefix("torch."),
+    }
+    support = lora_support_dir(checkpoint)
+
+    def fill(tmp: Path) -> None:
+        save_state_dict(state, tmp / WEIGHTS_NAME)
+        checkpoint.config.save(tmp / CONFIG_NAME)
+        copy_support_files(support, tmp)
+        for source in (checkpoint.directory, checkpoint.base_dir):  # the style the adapters were trained with
+            if (source / PROMPT_STYLE_NAME).is_file():
+                shutil.copy2(source / PROMPT_STYLE_NAME, tmp / PROMPT_STYLE_NAME)
+                break
+        (tmp / HPARAMS_NAME).write_text(yaml.safe_dump(hparams, sort_keys=False))
+
+    write_dir_atomically(out, fill)
     return out
 
 
-def _parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "20KB" (decimal units, as in transformers) or "1GiB"."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"Cannot read the size {size!r}: use e.g. 5GB, 500MB or a number of bytes.")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "b").lower()])
+def write_dir_atomically(target: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create directory `target` complete or not at all: `fill` writes into a temporary sibling, which is renamed.
+
+    `target` must not exist or be an empty directory. If `fill` raises, the temporary directory is removed and
+    `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if target.is_dir():
+            target.rmdir()  # empty (checked by the caller); rename cannot replace a directory on every platform
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    return target

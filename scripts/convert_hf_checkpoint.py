@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Optional
 
-from lit_model.checkpoint_io import convert_hf_checkpoint as _convert
+from lit_model.hf_convert import convert_hf_checkpoint as _convert
 
 
 def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None) -> Path:

@@ -116,14 +116,14 @@ def test_sharded_safetensors_stream_one_shard_at_a_time(tmp_path: Path, monkeypa
     import safetensors
     import safetensors.torch
 
-    import lit_model.checkpoint_io as checkpoint_io
+    import lit_model.hf_convert as hf_convert
 
     hf_model, directory = make_hf_model("llama", tmp_path, save_kwargs=dict(max_shard_size="20KB"))
     weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
     shards = list(dict.fromkeys(weight_map.values()))
     assert len(shards) >= 3
     events: list[tuple] = []
-    real_open, real_save = safetensors.safe_open, checkpoint_io.save_state_dict
+    real_open, real_save = safetensors.safe_open, hf_convert.save_state_dict
 
     class SpyOpen:
         def __init__(self, path, framework, device="cpu"):
@@ -152,7 +152,7 @@ def test_sharded_safetensors_stream_one_shard_at_a_time(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
     monkeypatch.setattr(safetensors.torch, "load_file", no_whole_file)
-    monkeypatch.setattr(checkpoint_io, "save_state_dict", spy_save)
+    monkeypatch.setattr(hf_convert, "save_state_dict", spy_save)
     ours = convert(directory)
     assert_same_logits(hf_model, ours, hf_model.config.vocab_size)
 
@@ -165,7 +165,7 @@ def test_sharded_safetensors_stream_one_shard_at_a_time(tmp_path: Path, monkeypa
         assert reads and all(e[0] == "read" and e[1] == shard for e in reads)
         hf_keys = [e[2] for e in reads]
         assert len(hf_keys) == len(set(hf_keys))  # each tensor read once
-        ours_keys = {n for k in hf_keys for n, _ in checkpoint_io.hf_to_lit(k, torch.empty(0), ours.config)}
+        ours_keys = {n for k in hf_keys for n, _ in hf_convert.hf_to_lit(k, torch.empty(0), ours.config)}
         assert events[end][2] == ours_keys  # the part holds exactly this shard's tensors
         start = end + 1
     assert not list(directory.glob("*.tmp"))  # the parts are gone
@@ -305,7 +305,8 @@ def test_pickled_module_is_refused(tmp_path: Path) -> None:
 
 
 def test_export_refuses_what_it_cannot_express(tmp_path: Path) -> None:
-    from lit_model.checkpoint_io import hf_config_dict, save_state_dict
+    from lit_model.checkpoint_io import save_state_dict
+    from lit_model.hf_convert import hf_config_dict
 
     _, directory = make_hf_model("llama", tmp_path)
     ours = convert(directory)
