@@ -166,7 +166,8 @@ class LoRALinear(nn.Module):
         if self.base_is_4bit:
             dense = dequantize_weight(self.weight)
             self.weight = nn.Parameter(dense.to(self.lora_A.dtype), requires_grad=False)
-        self.weight.add_(self.lora_delta().to(self.weight.dtype))
+        # Add in float32 and round once: adding a bf16-rounded delta to a bf16 weight would round twice.
+        self.weight.copy_((self.weight.float() + self.lora_delta().float()).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()

@@ -527,7 +527,9 @@ def save_checkpoint(
         for name in TOKENIZER_FILES:
             if (Path(job.checkpoint_dir) / name).is_file():
                 shutil.copy2(Path(job.checkpoint_dir) / name, tmp / name)
-        hparams = {**_plain(job.hparams), "mode": job.mode, "metrics": dict(metrics)}
+        # Absolute base path and the resolved precision, so merge/generate work from any directory.
+        hparams = {**_plain(job.hparams), "checkpoint_dir": str(Path(job.checkpoint_dir).resolve()),
+                   "precision": job.precision, "mode": job.mode, "metrics": dict(metrics)}
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         save_prompt_style(prompt_style, tmp)
         if dropbp is not None:  # the rates, sensitivities and FLOPs this run trained with
