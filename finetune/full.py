@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
 
 
@@ -20,6 +20,8 @@ def setup(
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=5e-4),
     eval: EvalArgs = EvalArgs(),
     dropbp: DropBPArgs = DropBPArgs(),
+    optimizer: Literal["adamw", "badam", "badam_ratio"] = "adamw",
+    badam: BAdamArgs = BAdamArgs(),
 ) -> dict[str, float]:
     """Fine-tune all weights of a model with AdamW; the final checkpoint (out_dir/final) is a full model.
 
@@ -36,10 +38,14 @@ def setup(
         train: optimisation.
         eval: evaluation.
         dropbp: DropBP (--dropbp.rate 0.5 skips about half of the blocks' backward FLOPs; 0: off).
+        optimizer: adamw (all weights at once), badam (one block at a time: Adam state for the active block only,
+            2M + 16M/D GB for M billion parameters in D blocks) or badam_ratio (a share of every matrix at a time).
+        badam: BAdam settings (--optimizer badam / badam_ratio).
     """
     job = FinetuneJob(
         mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
-        data=data, train=train, eval=eval, resume=resume, dropbp=dropbp, hparams=dict(locals()),
+        data=data, train=train, eval=eval, resume=resume, dropbp=dropbp,
+        optimizer=optimizer, badam=badam, hparams=dict(locals()),
     )
     return run(job)
 

@@ -182,3 +182,40 @@ class DropBPArgs:
         if self.sensitivity_samples <= 0:
             out.append(f"--dropbp.sensitivity_samples must be positive, got {self.sensitivity_samples}")
         return out
+
+
+@dataclass
+class BAdamArgs:
+    """BAdam: full-parameter fine-tuning one block at a time (Adam on the active block only; --optimizer badam).
+
+    Args:
+        switch_block_every: optimizer steps per block visit (None: max(n / (B * D), 50), one round sees the data).
+        switch_mode: order of the blocks: random (a fresh permutation each round), ascending or descending.
+        start_block: the first block to train (None: the mode's first).
+        include_embedding: the embedding is an extra block.
+        include_lm_head: the LM head (with the final norm) is an extra block.
+        active_modules: name substrings of parameters that train all the time (e.g. a freshly initialised head).
+        update_ratio: for --optimizer badam_ratio: the share of each matrix's entries trained at a time.
+        mask_mode: for --optimizer badam_ratio: adjacent (consecutive entries) or scatter (random entries).
+    """
+
+    switch_block_every: Optional[int] = None
+    switch_mode: str = "random"
+    start_block: Optional[int] = None
+    include_embedding: bool = False
+    include_lm_head: bool = False
+    active_modules: tuple[str, ...] = ()
+    update_ratio: float = 0.1
+    mask_mode: str = "adjacent"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.switch_block_every is not None and self.switch_block_every <= 0:
+            out.append(f"--badam.switch_block_every must be positive or None, got {self.switch_block_every}")
+        if self.switch_mode not in ("random", "ascending", "descending"):
+            out.append(f"--badam.switch_mode must be random, ascending or descending, got {self.switch_mode!r}")
+        if not 0.0 < self.update_ratio <= 1.0:
+            out.append(f"--badam.update_ratio must be in (0, 1], got {self.update_ratio}")
+        if self.mask_mode not in ("adjacent", "scatter"):
+            out.append(f"--badam.mask_mode must be adjacent or scatter, got {self.mask_mode!r}")
+        return out

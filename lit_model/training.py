@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.config import Config
 from lit_model.data import BatchIterator
 from lit_model.model import GPT
@@ -47,6 +47,8 @@ class FinetuneJob:
     quantize: Optional[str] = None
     resume: Optional[str] = None  # "auto", a step-NNNNNN directory, or None
     dropbp: DropBPArgs = field(default_factory=DropBPArgs)
+    optimizer: str = "adamw"  # adamw | badam | badam_ratio (the last two: full fine-tuning only)
+    badam: BAdamArgs = field(default_factory=BAdamArgs)
     hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
 
 
@@ -107,7 +109,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
     fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {loop.max_steps} steps")
 
     model = fabric.setup(model)
-    optimizer = fabric.setup_optimizers(make_optimizer(model, job.train))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
     batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size)
     dropbp = make_dropbp(model.module, job.dropbp, job.seed)
@@ -357,10 +359,26 @@ def make_dropbp(model: GPT, args: DropBPArgs, seed: int) -> Any:
     return DropBPHandler(model, drop_rate=args.rate, seed=seed, sampler=args.sampler)
 
 
-def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                             betas=(args.beta1, args.beta2))
+def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, or BAdam's block-coordinate wrappers around it (full fine-tuning)."""
+    args, badam = job.train, job.badam
+    hyper = dict(lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
+    if job.optimizer == "adamw":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **hyper)
+    from lit_model.badam import BlockOptimizer, BlockOptimizerRatio, default_switch_every
+
+    named = list(model.named_parameters())
+    if job.optimizer == "badam_ratio":
+        return BlockOptimizerRatio([p for _, p in named], named, update_ratio=badam.update_ratio,
+                                   switch_every=badam.switch_block_every or 100, mask_mode=badam.mask_mode,
+                                   include_embedding=badam.include_embedding, include_lm_head=badam.include_lm_head,
+                                   seed=job.seed, **hyper)
+    n_blocks = len(model.module.transformer.h) + badam.include_embedding + badam.include_lm_head
+    switch = badam.switch_block_every or default_switch_every(n_samples, args.global_batch_size, n_blocks)
+    return BlockOptimizer(torch.optim.AdamW([p for _, p in named], **hyper), named, switch_block_every=switch,
+                          start_block=badam.start_block, switch_mode=badam.switch_mode,
+                          active_modules=badam.active_modules, include_embedding=badam.include_embedding,
+                          include_lm_head=badam.include_lm_head, seed=job.seed)
 
 
 def restore(
@@ -400,6 +418,14 @@ def default_precision(quantized: bool = False) -> str:
 def validate_job(job: FinetuneJob) -> None:
     """Check every argument at once; raise one error listing all problems."""
     problems = job.train.problems(job.devices) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
+    if job.optimizer not in ("adamw", "badam", "badam_ratio"):
+        problems.append(f"--optimizer must be adamw, badam or badam_ratio, got {job.optimizer!r}")
+    elif job.optimizer != "adamw":
+        problems += job.badam.problems()
+        if job.mode != "full":
+            problems.append(f"--optimizer {job.optimizer} is for full fine-tuning (finetune/full.py)")
+        if job.devices > 1:
+            problems.append(f"--optimizer {job.optimizer} runs on one device (DDP cannot follow its block switches)")
     if job.lora is not None:
         problems += job.lora.problems()
     if job.quantize is not None:
