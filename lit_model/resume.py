@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lit_model.checkpoint_io import fsync_dir
+
 STATE_NAME = "training_state.pth"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -62,7 +64,7 @@ def write_checkpoint(target: Path, write_contents: Callable[[Path], None]) -> Pa
     tmp.mkdir(parents=True)
     try:
         write_contents(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -76,7 +78,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -114,16 +116,3 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
 def _as_tuple(value: Any) -> Any:
     """random.setstate wants tuples; a round trip through some serialisers gives lists."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
