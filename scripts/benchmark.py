@@ -1,8 +1,13 @@
-"""Time and measure one training step per configuration (mode x activation checkpointing) and print a table.
+"""Time and measure one training step per configuration (mode x DropBP rate x activation checkpointing).
 
 Every configuration runs the same step the training loop runs (forward to hidden states, chunked loss, backward,
 AdamW step) on random weights and tokens. Memory is counted by storage (lit_model.memory), so bytes saved for
 backward are the same on CPU and GPU; on CUDA the peak allocated memory is reported as well.
+
+DropBP's ideal speed-up comes from the same run's rate-0 timings of that mode (DESIGN.md section 2):
+time(p) = T_fwd + (1 - p) * T_bwd(blocks) + T_bwd(rest) + T_opt, where T_bwd(rest) (LM head, loss, embedding) is
+the backward time measured with every branch dropped, and p is the FLOPs-weighted share of branch backwards the
+timed steps actually dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from lit_model import GPT, Config
 from lit_model.checkpointing import apply_activation_checkpointing
+from lit_model.dropbp import DropBPHandler
 from lit_model.loss import chunked_cross_entropy, lm_head_weight
 from lit_model.memory import model_memory, saved_tensor_bytes
 from lit_model.training import count_parameters, precision_dtype
@@ -32,6 +38,7 @@ DEFAULT_MODEL = dict(name="bench-llama", n_layer=4, n_head=16, n_embd=1024, n_qu
 @dataclass
 class Result:
     mode: str
+    drop_rate: float
     checkpointing: int
     trainable_params: int
     forward_ms: float
@@ -44,12 +51,17 @@ class Result:
     gradient_bytes: int
     optimizer_state_bytes: int
     cuda_peak_bytes: Optional[int]
+    realised_drop: float = 0.0  # FLOPs-weighted share of branch backwards dropped in the timed steps
+    backward_rest_ms: float = 0.0  # backward with every branch dropped: what DropBP cannot remove
+    speedup: Optional[float] = None  # rate-0 step time of this mode and checkpointing / this step time
+    ideal_speedup: Optional[float] = None
 
 
 def benchmark(
     model: Optional[str] = None,
     overrides: Optional[dict[str, Any]] = None,
     modes: tuple[str, ...] = ("full", "lora", "qlora"),
+    rates: tuple[float, ...] = (0.0,),
     checkpointing: tuple[int, ...] = (0, 1),
     precision: Optional[str] = None,
     batch_size: int = 2,
@@ -67,6 +79,7 @@ def benchmark(
         model: a preset name (see lit_model.config.PRESETS); default: a 4-layer Llama-like model (n_embd 1024).
         overrides: Config fields to change, e.g. '{"n_layer": 2}'.
         modes: any of full, lora (query, value, projection and MLP adapters), qlora (lora on an NF4 base).
+        rates: DropBP rates (uniform per branch; 0 is always measured too, as the reference of the speed-ups).
         checkpointing: activation checkpointing settings (0: off, k: every k-th block).
         precision: 32-true, bf16-true or bf16-mixed; default bf16-true on CUDA, 32-true on CPU.
         batch_size: sequences per step.
@@ -83,12 +96,14 @@ def benchmark(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     precision = precision or ("bf16-true" if device == "cuda" else "32-true")
     config = Config.from_name(model, **(overrides or {})) if model else Config(**{**DEFAULT_MODEL, **(overrides or {})})
+    rates = tuple(sorted({0.0, *rates}))
     runs = [(m, c) for m in modes for c in checkpointing]
     results = []
-    for mode, every in tqdm(runs, desc="Benchmarking", unit="config"):
-        results.append(run_one(config, mode, every, precision, batch_size, seq_length, warmup, repeats, lora_r,
-                               torch.device(device), seed))
+    for mode, every in tqdm(runs, desc="Benchmarking", unit="mode"):
+        results += run_mode(config, mode, every, rates, precision, batch_size, seq_length, warmup, repeats, lora_r,
+                            torch.device(device), seed)
         gc.collect()
+    add_speedups(results)
     rows = [asdict(r) for r in results]
     print(header(config, precision, batch_size, seq_length, device))
     print(markdown_table(rows))
@@ -119,56 +134,86 @@ def build(config: Config, mode: str, precision: str, lora_r: int, device: torch.
     return apply_lora(model, lora).to(device)
 
 
-def run_one(
-    config: Config, mode: str, every: int, precision: str, batch_size: int, seq_length: int, warmup: int, repeats: int,
-    lora_r: int, device: torch.device, seed: int,
-) -> Result:
+def run_mode(
+    config: Config, mode: str, every: int, rates: tuple[float, ...], precision: str, batch_size: int, seq_length: int,
+    warmup: int, repeats: int, lora_r: int, device: torch.device, seed: int,
+) -> list[Result]:
+    """Time every DropBP rate of one mode on one model, round-robin step by step, so that the machine's drift
+    affects all rates alike and their ratios are fair; plus the backward with every branch dropped."""
     torch.manual_seed(seed)
     model = build(config, mode, precision, lora_r, device).train()
     if every:
         apply_activation_checkpointing(model, every=every)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_length + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
-    saved = 0
+    handlers = {p: DropBPHandler(model, drop_rate=p, seed=seed) for p in rates if p > 0}
+    flops = torch.tensor(DropBPHandler(model, seq_len=seq_length).flops, dtype=torch.float64)
+    all_dropped = [(True, True)] * config.n_layer
+    times = {key: {"forward": [], "backward": [], "optimizer": []} for key in (*rates, "rest")}
+    dropped_share: dict[float, list[float]] = {p: [] for p in rates}
+    saved: dict[float, int] = {p: 0 for p in rates}
+    memory: dict[float, dict[str, int]] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + repeats):
-        t0 = now(device)
-        with autocast, saved_tensor_bytes(model) as counter:
-            hidden = model(tokens[:, :-1], return_hidden=True)
-            weight, bias = lm_head_weight(model.lm_head)
-            loss = chunked_cross_entropy(hidden, weight, tokens[:, 1:], bias)
-        t1 = now(device)
-        loss.backward()
-        t2 = now(device)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=i < warmup + repeats - 1)  # keep the last gradients for the memory count
-        t3 = now(device)
-        if i >= warmup:
-            times["forward"].append(t1 - t0)
-            times["backward"].append(t2 - t1)
-            times["optimizer"].append(t3 - t2)
-            saved = counter.bytes
-    memory = model_memory(model, optimizer)
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    step = sum(ms.values())
-    return Result(
-        mode=mode, checkpointing=every, trainable_params=count_parameters(model)[0], forward_ms=ms["forward"],
-        backward_ms=ms["backward"], optimizer_ms=ms["optimizer"], step_ms=step,
-        tokens_per_s=batch_size * seq_length / (step / 1000), saved_for_backward_bytes=saved,
-        weight_bytes=memory["weights"], gradient_bytes=memory["gradients"],
-        optimizer_state_bytes=memory["optimizer_state"],
-        cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-    )
+        for key in (*rates, "rest"):
+            mask = all_dropped if key == "rest" else (handlers[key].set_dropped_layers() if key in handlers else None)
+            t0 = now(device)
+            with autocast, saved_tensor_bytes(model) as counter:
+                hidden = model(tokens[:, :-1], drop_mask=mask, return_hidden=True)
+                weight, bias = lm_head_weight(model.lm_head)
+                loss = chunked_cross_entropy(hidden, weight, tokens[:, 1:], bias)
+            t1 = now(device)
+            if loss.grad_fn is not None:  # LoRA with every branch dropped has nothing to differentiate
+                loss.backward()
+            t2 = now(device)
+            if key != "rest":  # the "rest" pass only measures the backward DropBP can never remove
+                optimizer.step()
+            t3 = now(device)
+            if i < warmup:
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            for part, seconds in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2)):
+                times[key][part].append(seconds)
+            if key != "rest":
+                saved[key] = max(saved[key], counter.bytes)
+                dropped = torch.tensor([d for row in (mask or all_dropped) for d in row], dtype=torch.float64)
+                dropped_share[key].append(float((dropped * flops).sum() / flops.sum()) if mask else 0.0)
+                memory[key] = model_memory(model, optimizer)  # gradients of this rate's step, before zeroing
+            optimizer.zero_grad(set_to_none=True)
+    rest_ms = 1000 * statistics.median(times["rest"]["backward"])
+    results = []
+    for p in rates:
+        ms = {k: 1000 * statistics.median(v) for k, v in times[p].items()}
+        step = sum(ms.values())
+        results.append(Result(
+            mode=mode, drop_rate=p, checkpointing=every, trainable_params=count_parameters(model)[0],
+            forward_ms=ms["forward"], backward_ms=ms["backward"], optimizer_ms=ms["optimizer"], step_ms=step,
+            tokens_per_s=batch_size * seq_length / (step / 1000), saved_for_backward_bytes=saved[p],
+            weight_bytes=memory[p]["weights"], gradient_bytes=memory[p]["gradients"],
+            optimizer_state_bytes=memory[p]["optimizer_state"],
+            cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            realised_drop=statistics.mean(dropped_share[p]), backward_rest_ms=rest_ms,
+        ))
+    return results
 
 
 def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def add_speedups(results: list[Result]) -> None:
+    """Measured and ideal speed-up of every row against the rate-0 row of the same mode and checkpointing."""
+    base = {(r.mode, r.checkpointing): r for r in results if r.drop_rate == 0}
+    for r in results:
+        ref = base[(r.mode, r.checkpointing)]
+        blocks_bwd = max(ref.backward_ms - r.backward_rest_ms, 0.0)
+        ideal_ms = ref.forward_ms + (1 - r.realised_drop) * blocks_bwd + r.backward_rest_ms + ref.optimizer_ms
+        r.speedup = ref.step_ms / r.step_ms
+        r.ideal_speedup = ref.step_ms / ideal_ms
 
 
 def header(config: Config, precision: str, batch_size: int, seq_length: int, device: str) -> str:
@@ -182,14 +227,16 @@ def header(config: Config, precision: str, batch_size: int, seq_length: int, dev
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     mib = 2**20
-    lines = ["| mode | ckpt | trainable | fwd ms | bwd ms | opt ms | step ms | tokens/s | saved for bwd MiB | "
-             "weights MiB | grads MiB | optim state MiB | CUDA peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | DropBP p (realised) | ckpt | trainable | fwd ms | bwd ms | opt ms | step ms | tokens/s | "
+             "speed-up (ideal) | saved for bwd MiB | weights MiB | grads MiB | optim state MiB | CUDA peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['cuda_peak_bytes'] / mib:.0f}" if r["cuda_peak_bytes"] is not None else "-"
         lines.append(
-            f"| {r['mode']} | {r['checkpointing']} | {r['trainable_params'] / 1e6:.2f}M | {r['forward_ms']:.1f} | "
+            f"| {r['mode']} | {r['drop_rate']:g} ({r['realised_drop']:.2f}) | {r['checkpointing']} | "
+            f"{r['trainable_params'] / 1e6:.2f}M | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) | "
             f"{r['saved_for_backward_bytes'] / mib:.1f} | {r['weight_bytes'] / mib:.1f} | "
             f"{r['gradient_bytes'] / mib:.1f} | {r['optimizer_state_bytes'] / mib:.1f} | {peak} |"
         )
