@@ -14,6 +14,8 @@ def setup(
     out_dir: Path = Path("out/finetune/full"),
     precision: Optional[str] = None,
     devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     seed: int = 1337,
     resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
@@ -30,7 +32,11 @@ def setup(
         out_dir: where logs, metrics and checkpoints go.
         precision: Fabric precision: 32-true, bf16-true, bf16-mixed, 16-mixed (CUDA). Default: bf16-true on a GPU
             with bf16, else 32-true.
-        devices: number of devices.
+        devices: devices (GPUs) per node; Fabric starts one process per device (docs/distributed.md).
+        num_nodes: machines; every node runs the same command (docs/distributed.md has SLURM and torchrun recipes).
+        strategy: auto (one device, or DDP on several), ddp (data parallel: a full copy of the model per device) or
+            fsdp (each transformer block sharded over the devices). train.global_batch_size stays the samples per
+            optimizer step over all devices, so the same run on more devices accumulates fewer micro-batches.
         seed: random seed (data order, initialisation).
         resume: continue a run: "auto" (the latest step-NNNNNN in out_dir, else start fresh) or a checkpoint
             directory. Restores weights, optimizer, schedule, step, data position and RNG states.
@@ -43,7 +49,8 @@ def setup(
         badam: BAdam settings (--optimizer badam / badam_ratio).
     """
     job = FinetuneJob(
-        mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
+        mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
+        num_nodes=num_nodes, strategy=strategy, seed=seed,
         data=data, train=train, eval=eval, resume=resume, dropbp=dropbp,
         optimizer=optimizer, badam=badam, hparams=dict(locals()),
     )

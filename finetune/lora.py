@@ -16,6 +16,8 @@ def setup(
     precision: Optional[str] = None,
     quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]] = None,
     devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     seed: int = 1337,
     resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
@@ -33,7 +35,11 @@ def setup(
             with bf16, else 32-true.
         quantize: store the frozen base weights in 4 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq (double
             quantization), bnb.fp4, bnb.fp4-dq.
-        devices: number of devices.
+        devices: devices (GPUs) per node; Fabric starts one process per device (docs/distributed.md).
+        num_nodes: machines; every node runs the same command (docs/distributed.md has SLURM and torchrun recipes).
+        strategy: auto (one device, or DDP on several), ddp (data parallel: a full copy of the model per device) or
+            fsdp (each transformer block sharded over the devices). train.global_batch_size stays the samples per
+            optimizer step over all devices, so the same run on more devices accumulates fewer micro-batches.
         seed: random seed (data order, initialisation).
         resume: continue a run: "auto" (the latest step-NNNNNN in out_dir, else start fresh) or a checkpoint
             directory. Restores weights, optimizer, schedule, step, data position and RNG states.
@@ -44,7 +50,8 @@ def setup(
         lora: LoRA rank, alpha, dropout and target layers.
     """
     job = FinetuneJob(
-        mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, seed=seed,
+        mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
+        num_nodes=num_nodes, strategy=strategy, seed=seed,
         data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, dropbp=dropbp,
         hparams=dict(locals()),
     )

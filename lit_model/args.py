@@ -12,8 +12,10 @@ class TrainArgs:
     """Optimisation settings.
 
     Args:
-        global_batch_size: samples per optimizer step (across devices); a multiple of micro_batch_size * devices.
-        micro_batch_size: samples per forward/backward; gradients accumulate over global / (micro * devices) steps.
+        global_batch_size: samples per optimizer step, over all devices and nodes: the same training on any number
+            of devices. A multiple of micro_batch_size * devices * num_nodes.
+        micro_batch_size: samples per forward/backward on one device; gradients accumulate over
+            global / (micro * devices * num_nodes) micro-batches.
         max_steps: optimizer steps to run; when None, `epochs` decides.
         epochs: passes over the training data (used when max_steps is None).
         learning_rate: peak learning rate of AdamW.
@@ -50,12 +52,12 @@ class TrainArgs:
     keep_last: Optional[int] = None
 
     def problems(self, devices: int = 1) -> list[str]:
-        """Everything wrong with these settings, as messages (empty when valid)."""
+        """Everything wrong with these settings, as messages (empty when valid); `devices` over all nodes."""
         out = []
         for name in ("global_batch_size", "micro_batch_size", "epochs", "log_interval"):
             if getattr(self, name) <= 0:
                 out.append(f"--train.{name} must be positive, got {getattr(self, name)}")
-        if self.micro_batch_size > 0 and self.global_batch_size % (self.micro_batch_size * devices):
+        if self.micro_batch_size > 0 and devices > 0 and self.global_batch_size % (self.micro_batch_size * devices):
             out.append(
                 f"--train.global_batch_size ({self.global_batch_size}) must be a multiple of --train.micro_batch_size "
                 f"({self.micro_batch_size}) x devices ({devices})"

@@ -7,11 +7,13 @@ launching; this module owns data order, accumulation, the schedule, evaluation, 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,6 +52,13 @@ class FinetuneJob:
     optimizer: str = "adamw"  # adamw | badam | badam_ratio (the last two: full fine-tuning only)
     badam: BAdamArgs = field(default_factory=BAdamArgs)
     hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp (see make_strategy)
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes: one per device."""
+        return self.devices * self.num_nodes
 
 
 @dataclass
@@ -69,6 +78,48 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the weights were not updated with it."""
 
 
+class LossInForward(torch.nn.Module):
+    """The GPT with its loss computed inside one forward: the root module FSDP wraps.
+
+    FSDP gathers a unit's weights for the unit's forward (and again for its backward) only, so the LM head, which the
+    chunked loss applies itself, must run inside the root's forward. Without `target` this is the GPT's forward
+    (logits or hidden states), for validation and generation; `config` and the KV-cache methods pass through.
+    """
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    @property
+    def config(self) -> Config:
+        return self.gpt.config
+
+    def set_kv_cache(self, *args: Any, **kwargs: Any) -> None:
+        self.gpt.set_kv_cache(*args, **kwargs)
+
+    def clear_kv_cache(self) -> None:
+        self.gpt.clear_kv_cache()
+
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Any = None,
+        return_hidden: bool = False, target: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the labels of `target` (B, T) that are not IGNORE_INDEX; without it, GPT's output."""
+        if target is None:
+            return self.gpt(idx, input_pos, drop_mask, return_hidden)
+        from lit_model import loss
+
+        hidden = self.gpt(idx, drop_mask=drop_mask, return_hidden=True)
+        weight, bias = loss.lm_head_weight(self.gpt.lm_head)
+        return loss.chunked_cross_entropy(hidden, weight, target, bias)
+
+
+def unwrap(model: Any) -> GPT:
+    """The GPT inside Fabric's wrapper (and inside `LossInForward` under FSDP)."""
+    module = model.module
+    return module.gpt if isinstance(module, LossInForward) else module
+
+
 def run(job: FinetuneJob) -> dict[str, float]:
     """Validate the job, build model and data, train (or resume), evaluate and save `out_dir/final`.
 
@@ -83,8 +134,10 @@ def run(job: FinetuneJob) -> dict[str, float]:
     job.precision = job.precision or default_precision(job.quantize is not None)
     validate_job(job)
     resume_from = ckpt.resolve_resume(job.resume, Path(job.out_dir))
-    fabric = Fabric(devices=job.devices, precision=job.precision, loggers=make_loggers(Path(job.out_dir)))
-    fabric.launch()
+    fabric = Fabric(devices=job.devices, num_nodes=job.num_nodes, strategy=make_strategy(job), precision=job.precision,
+                    loggers=make_loggers(Path(job.out_dir)))
+    if not os.environ.get("LT_CLI_USED"):  # `fabric run` started the processes already and forbids a second launch
+        fabric.launch()
     fabric.seed_everything(job.seed)
     tokenizer = Tokenizer(job.checkpoint_dir)
     config = Config.from_checkpoint(job.checkpoint_dir)
@@ -107,22 +160,36 @@ def run(job: FinetuneJob) -> dict[str, float]:
     steps_per_epoch = max(1, len(train_data) // job.train.global_batch_size)
     loop = LoopState(max_steps=job.train.max_steps or job.train.epochs * steps_per_epoch)
     fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {loop.max_steps} steps")
+    if fabric.world_size > 1:
+        accum = job.train.global_batch_size // (job.train.micro_batch_size * fabric.world_size)
+        nodes = f"{job.num_nodes} node" + ("s" if job.num_nodes > 1 else "")
+        fabric.print(f"Distributed: {fabric.world_size} processes ({job.devices} devices x {nodes}), "
+                     f"{strategy_name(job)}; one optimizer step = {job.train.global_batch_size} samples = "
+                     f"{job.train.micro_batch_size} per micro-batch x {accum} accumulated x {fabric.world_size} ranks")
 
-    model = fabric.setup(model)
+    model = fabric.setup(LossInForward(model) if is_fsdp(fabric) else model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
-    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size)
-    dropbp = make_dropbp(model.module, job.dropbp, job.seed)
+    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
+                            fabric.world_size, step_samples=job.train.global_batch_size)
+    dropbp = make_dropbp(unwrap(model), job.dropbp, job.seed)
+    # Under FSDP the unwrapped module holds shards: generation must go through the wrapper, which gathers them.
+    inference_model = model if is_fsdp(fabric) else model.module
+    if is_fsdp(fabric):
+        # FSDP initialises itself at its first forward; under generation's inference_mode its buffers would become
+        # inference tensors that the training backward cannot use ("The `grad_fn` is needed ..."): go first here.
+        with torch.no_grad():
+            model(torch.zeros((1, 1), dtype=torch.long, device=fabric.device))
     n_exact = job.eval.exact_match if job.eval.exact_match is not None else (100 if is_demo else 0)
     em_records = val_records[:n_exact]
 
     def evaluate_em() -> float:
-        return exact_match(model.module, tokenizer, prompt_style, em_records, job.eval.max_new_tokens, fabric.device)
+        return exact_match(inference_model, tokenizer, prompt_style, em_records, job.eval.max_new_tokens, fabric.device)
 
     metrics: dict[str, float] = {}
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from)
-        restore(state, optimizer, scheduler, batches, loop, dropbp)
+        restore(state, optimizer, scheduler, batches, loop, dropbp, fabric, model)
         metrics.update(state.get("metrics", {}))
         fabric.print(f"Resumed from {resume_from} at step {loop.step} of {loop.max_steps}")
     elif em_records:
@@ -133,11 +200,17 @@ def run(job: FinetuneJob) -> dict[str, float]:
         return save_checkpoint(fabric, model, job, prompt_style, target, state, metrics, dropbp)
 
     sample_record = val_records[0] if val_records else train_records[0]
+    distributed, manual_sync = fabric.world_size > 1, fabric.world_size > 1 and job.optimizer != "adamw"
     session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
-                      sample_record, dropbp)
+                      sample_record, dropbp, inference_model, manual_sync=manual_sync,
+                      fill_unused=distributed and dropbp is not None and not manual_sync and not is_fsdp(fabric))
     t0 = time.perf_counter()
     fit(session, loop, save)
     metrics["train_time_s"] = time.perf_counter() - t0
+    if dropbp is not None:
+        check_same_on_all_ranks(fabric, dropbp_fingerprint(dropbp), "DropBP masks (generator, draw counts, rates)")
+        if fabric.world_size > 1:
+            fabric.print(f"DropBP: the same {dropbp.steps} masks and rates on all {fabric.world_size} ranks")
     metrics["val_loss"] = session.validate()
     loop.val_history.append((loop.step, metrics["val_loss"]))
     fabric.print(f"Final validation loss {metrics['val_loss']:.4f}, perplexity {math.exp(min(metrics['val_loss'], 50)):.2f}")
@@ -174,18 +247,25 @@ class Session:
     prompt_style: Any
     sample_record: dict
     dropbp: Any = None  # lit_model.dropbp.DropBPHandler when --dropbp.rate > 0
+    inference_model: Any = None  # what generation runs on: the unwrapped GPT, or the FSDP wrapper that gathers it
+    manual_sync: bool = False  # BAdam on several ranks: no DDP wrapper, the loop all-reduces the optimizer's gradients
+    fill_unused: bool = False  # DDP with DropBP: give dropped parameters zero gradients for the reducer, then None
 
     def validate(self) -> float:
+        """Token-weighted mean validation loss (every rank computes the same)."""
         from lit_model.evaluation import validate
 
+        if isinstance(self.model.module, LossInForward):
+            return validate_in_forward(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size,
+                                       self.job.eval.max_iters)
         return validate(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size, self.job.eval.max_iters)
 
     def print_sample(self) -> None:
         from lit_model.evaluation import complete
 
         record = self.sample_record
-        text = complete(self.model.module, self.tokenizer, self.prompt_style, record, self.job.eval.max_new_tokens,
-                        self.fabric.device)
+        text = complete(self.inference_model or self.model.module, self.tokenizer, self.prompt_style, record,
+                        self.job.eval.max_new_tokens, self.fabric.device)
         self.fabric.print(f"Sample: {record['instruction']!r} -> {text!r}")
 
     def snapshot(self) -> dict[str, Any]:
@@ -194,23 +274,41 @@ class Session:
                 "dropbp": self.dropbp.state_dict() if self.dropbp is not None else None}
 
     def state(self, loop: LoopState, snapshot: dict[str, Any]) -> dict[str, Any]:
-        """Everything beyond the weights that resume needs (plain containers and tensors)."""
+        """Everything beyond the weights that resume needs (plain containers and tensors).
+
+        Collective under several processes (every rank calls it): the optimizer state is gathered whole under FSDP,
+        and every rank's RNG states are kept, since dropout draws differ between ranks that see different shapes.
+        """
+        if self.dropbp is not None:
+            check_same_on_all_ranks(self.fabric, dropbp_fingerprint(self.dropbp), "DropBP masks")
         return {
             "step": loop.step, "tokens": loop.tokens, "max_steps": loop.max_steps, "calibrated": loop.calibrated,
             "train_history": loop.train_history, "val_history": loop.val_history,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **snapshot,
+            "optimizer": optimizer_state(self.fabric, self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(), **snapshot,
+            "rng_per_rank": gather_objects(self.fabric, snapshot["rng"]), "world_size": self.fabric.world_size,
         }
 
     def calibrate_dropbp(self, loop: LoopState) -> None:
-        """Re-allocate DropBP rates from the gradient sensitivity measured on the next micro-batches."""
+        """Re-allocate DropBP rates from the gradient sensitivity measured on the next micro-batches.
+
+        The samples are the next `sensitivity_samples` micro-batches of the single-process order, whatever the number
+        of ranks. With several ranks each measures its share of them on the unwrapped module (DDP's reducer expects
+        `.backward()`, not `torch.autograd.grad`), the sensitivities are summed across ranks, and rank 0's rates are
+        broadcast: the rates, and with them the masks, are identical everywhere and equal the 1-process ones.
+        """
         from lit_model.data import collate
+        from lit_model.dropbp import allocate
         from lit_model.loss import chunked_cross_entropy, lm_head_weight
 
-        fabric, raw, handler, args = self.fabric, self.model.module, self.dropbp, self.job.dropbp
+        fabric, raw, handler, args = self.fabric, unwrap(self.model), self.dropbp, self.job.dropbp
+        train = self.job.train
         # Peek at upcoming samples without moving the data position: training still sees them in order.
-        position = self.batches.state_dict()
-        samples = [collate([self.train_data[i] for i in next(self.batches)]) for _ in range(args.sensitivity_samples)]
-        self.batches.load_state_dict(position)
+        order = BatchIterator(len(self.train_data), train.micro_batch_size, self.job.seed,
+                              step_samples=train.global_batch_size)
+        order.load_state_dict(self.batches.state_dict())
+        samples = [collate([self.train_data[i] for i in next(order)]) for _ in range(args.sensitivity_samples)]
+        seq_len = samples[0]["input_ids"].size(1) - 1
 
         def backprop_for(batch: dict[str, torch.Tensor]) -> Callable[[Any], torch.Tensor]:
             input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(batch["labels"][:, 1:])
@@ -224,8 +322,21 @@ class Session:
             return backprop
 
         raw.train()
-        handler.sensitivity_based_drop_bp([backprop_for(b) for b in samples], target=args.rate, min_rate=args.min_rate,
-                                          allocator=args.allocator, seq_len=samples[0]["input_ids"].size(1) - 1)
+        if fabric.world_size == 1:
+            handler.sensitivity_based_drop_bp([backprop_for(b) for b in samples], target=args.rate,
+                                              min_rate=args.min_rate, allocator=args.allocator, seq_len=seq_len)
+        else:
+            allocate([1.0] * handler.n_branches, handler.flops, args.rate, args.min_rate, args.allocator)  # fail fast
+            mine = samples[fabric.global_rank :: fabric.world_size]
+            total = torch.zeros(handler.n_branches, dtype=torch.float64)
+            if mine:  # compute_sensitivity averages over its samples: undo that to sum over all ranks
+                total += torch.tensor(handler.compute_sensitivity([backprop_for(b) for b in mine])) * len(mine)
+            total = fabric.all_reduce(total.to(fabric.device), reduce_op="sum").cpu() / len(samples)
+            handler.set_seq_len(seq_len)
+            rates = fabric.broadcast(allocate(total.tolist(), handler.flops, args.rate, args.min_rate, args.allocator))
+            handler.sensitivities = total.tolist()
+            handler.set_drop_rates(rates, target=args.rate)
+        check_same_on_all_ranks(fabric, dropbp_fingerprint(handler), "DropBP rates after calibration")
         loop.calibrated = True
         summary = handler.summary()
         fabric.log_dict(summary, step=loop.step)
@@ -240,12 +351,12 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
 
     from lit_model.checkpointing import apply_activation_checkpointing
     from lit_model.data import collate
-    from lit_model.loss import chunked_cross_entropy, lm_head_weight
 
     fabric, model, args, out_dir = s.fabric, s.model, s.job.train, Path(s.job.out_dir)
     accum = args.global_batch_size // (args.micro_batch_size * fabric.world_size)
     if args.activation_checkpointing:
-        apply_activation_checkpointing(model.module, every=args.activation_checkpointing, offload=args.offload_activations)
+        apply_activation_checkpointing(unwrap(model), every=args.activation_checkpointing,
+                                       offload=args.offload_activations)
     model.train()
     bar = tqdm(total=loop.max_steps, initial=loop.step, desc="Fine-tuning", disable=not fabric.is_global_zero,
                dynamic_ncols=True)
@@ -259,29 +370,19 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
                 s.calibrate_dropbp(loop)
                 snapshot = s.snapshot()
             micro_batches = [collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
-            targets = [b["labels"][:, 1:] for b in micro_batches]
-            # Normalise by the tokens of the whole optimizer step, so accumulation equals one large batch.
-            n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
+            # Normalise by the tokens of the whole optimizer step on all ranks, so that accumulation and data
+            # parallelism both equal one large batch; the input tokens only feed the throughput.
+            n_tokens, n_inputs = global_sum(fabric, [
+                sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches),
+                sum(b["input_ids"][:, :-1].numel() for b in micro_batches)])
             step = loop.step + 1
-            if n_tokens == 0:
+            if n_tokens == 0:  # the same on every rank: all skip together
                 warnings.warn(f"Step {step}: every label is masked (prompts longer than max_seq_length?); skipped")
                 loop.step = step
                 snapshot = s.snapshot()
                 continue
-            step_loss = torch.zeros((), device=fabric.device)
-            for i, (batch, target) in enumerate(zip(micro_batches, targets)):
-                input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(target)
-                mask = s.dropbp.set_dropped_layers() if s.dropbp is not None else None
-                with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                    hidden = model(input_ids, drop_mask=mask, return_hidden=True)
-                    with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
-                        weight, bias = lm_head_weight(model.module.lm_head)
-                        share = int((target != IGNORE_INDEX).sum()) / n_tokens
-                        loss = chunked_cross_entropy(hidden, weight, target, bias) * share
-                    if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward
-                        fabric.backward(loss)
-                step_loss += loss.detach()
-                loop.tokens += input_ids.numel()
+            step_loss = backward_step(s, micro_batches, n_tokens)
+            loop.tokens += n_inputs
             if not torch.isfinite(step_loss):  # checked before the update, so the weights stay good
                 raise NonFiniteLossError(non_finite_message(float(step_loss), step, loop.last_checkpoint))
             if args.max_norm is not None:
@@ -315,12 +416,82 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
         bar.close()
 
 
+def backward_step(s: Session, micro_batches: list[dict[str, torch.Tensor]], n_tokens: int) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of one optimizer step, gradients synchronised over ranks.
+
+    n_tokens: the label tokens of the whole step on all ranks. Returns the step's loss, identical on every rank.
+    Gradients: DDP/FSDP average them over ranks during the last micro-batch's backward (the others skip the sync);
+    BAdam's optimizers are stepped on gradients this function all-reduces itself (`Session.manual_sync`).
+    """
+    from lit_model.loss import chunked_cross_entropy, lm_head_weight
+
+    fabric, model, world = s.fabric, s.model, s.fabric.world_size
+    step_loss = torch.zeros((), device=fabric.device)
+    never_reached: Optional[dict[int, torch.nn.Parameter]] = None  # parameters DropBP dropped in every micro-batch
+    synced = False
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(batch["labels"][:, 1:])
+        mask = s.dropbp.set_dropped_layers() if s.dropbp is not None else None
+        skip_sync = fabric.no_backward_sync(model, enabled=not last) if not s.manual_sync else nullcontext()
+        with skip_sync:
+            # DDP and FSDP average the ranks' gradients; the world-size factor makes that average the sum over all
+            # ranks of (micro-batch loss x its share of the step's tokens), which is the 1-process gradient.
+            share = int((target != IGNORE_INDEX).sum()) * world / n_tokens
+            if isinstance(model.module, LossInForward):
+                loss = model(input_ids, drop_mask=mask, target=target) * share
+            else:
+                hidden = model(input_ids, drop_mask=mask, return_hidden=True)
+                with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
+                    weight, bias = lm_head_weight(model.module.lm_head)
+                    loss = chunked_cross_entropy(hidden, weight, target, bias) * share
+            step_loss += loss.detach()
+            if s.fill_unused and mask is not None:
+                dropped = {id(p): p for p in dropped_parameters(unwrap(model), mask)}
+                never_reached = {k: p for k, p in dropped.items() if never_reached is None or k in never_reached}
+                if last and dropped:  # DDP's reducer waits for a gradient of every parameter: give the dropped ones 0
+                    loss = loss + zero_gradient_term(list(dropped.values()))
+            if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward
+                fabric.backward(loss)
+                synced = synced or last
+    if world > 1 and (s.manual_sync or not synced):
+        # BAdam; or DDP/FSDP when the last micro-batch had no backward, which the zero-gradient term rules out for
+        # DDP with DropBP, and which needs DropBP (refused with FSDP) in the first place.
+        assert s.manual_sync or not is_fsdp(fabric), "FSDP skipped the backward of a step's last micro-batch"
+        all_reduce_gradients(fabric, [p for group in s.optimizer.param_groups for p in group["params"]])
+    for p in (never_reached or {}).values():  # zero-filled for DDP only: no gradient, as on one device
+        p.grad = None
+    return fabric.all_reduce(step_loss, reduce_op="sum") / world if world > 1 else step_loss
+
+
 def log_step(s: Session, loop: LoopState, loss: float, tokens_per_s: float, bar: Any) -> None:
     record = {"loss": loss, "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
               "peak_memory_gb": peak_memory_bytes(s.fabric.device) / 1e9}
     s.fabric.log_dict(record, step=loop.step)
     loop.train_history.append((loop.step, loss))
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+
+
+@torch.no_grad()
+def validate_in_forward(
+    fabric: Any, model: Any, val_data: Any, batch_size: int, max_iters: Optional[int] = None
+) -> float:
+    """`lit_model.evaluation.validate` for a `LossInForward` model (FSDP): the loss comes out of the forward."""
+    from lit_model.data import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(val_data), batch_size)
+    for start in starts[:max_iters] if max_iters is not None else starts:
+        batch = collate([val_data[i] for i in range(start, min(start + batch_size, len(val_data)))])
+        target = fabric.to_device(batch["labels"][:, 1:])
+        n = int((target != IGNORE_INDEX).sum())
+        if n:  # every rank skips the same batches: the forwards, which gather shards, stay in step
+            total += float(model(fabric.to_device(batch["input_ids"][:, :-1]), target=target)) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def non_finite_message(value: float, step: int, last_checkpoint: Optional[Path]) -> str:
@@ -373,7 +544,7 @@ def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> 
                                    switch_every=badam.switch_block_every or 100, mask_mode=badam.mask_mode,
                                    include_embedding=badam.include_embedding, include_lm_head=badam.include_lm_head,
                                    seed=job.seed, **hyper)
-    n_blocks = len(model.module.transformer.h) + badam.include_embedding + badam.include_lm_head
+    n_blocks = len(unwrap(model).transformer.h) + badam.include_embedding + badam.include_lm_head
     switch = badam.switch_block_every or default_switch_every(n_samples, args.global_batch_size, n_blocks)
     return BlockOptimizer(torch.optim.AdamW([p for _, p in named], **hyper), named, switch_block_every=switch,
                           start_block=badam.start_block, switch_mode=badam.switch_mode,
@@ -382,13 +553,21 @@ def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> 
 
 
 def restore(
-    state: dict[str, Any], optimizer: Any, scheduler: Any, batches: BatchIterator, loop: LoopState, dropbp: Any
+    state: dict[str, Any], optimizer: Any, scheduler: Any, batches: BatchIterator, loop: LoopState, dropbp: Any,
+    fabric: Any = None, model: Any = None,
 ) -> None:
-    """Put optimizer, schedule, data position, RNG, DropBP and loop counters back as they were when saved."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Put optimizer, schedule, data position, RNG, DropBP and loop counters back as they were when saved.
+
+    A checkpoint from any number of processes resumes on any other: the optimizer state is whole (not sharded), the
+    data position counts samples of the global order; each rank takes its own saved RNG states when the world size
+    is the same, else rank 0's.
+    """
+    load_optimizer_state(fabric, model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
-    ckpt.set_rng_states(state["rng"])
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    per_rank = state.get("rng_per_rank")
+    ckpt.set_rng_states(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
     if (dropbp is None) != (state.get("dropbp") is None):
         raise ValueError("--dropbp.rate must be 0 in both or positive in both the saved run and the resumed one")
     if dropbp is not None:
@@ -397,6 +576,231 @@ def restore(
     loop.step, loop.tokens = int(state["step"]), int(state["tokens"])
     loop.train_history = [tuple(x) for x in state["train_history"]]
     loop.val_history = [tuple(x) for x in state["val_history"]]
+
+
+# ---- several processes: strategy, collectives, sharded state ---------------------------------------------------------
+
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def make_strategy(job: FinetuneJob) -> Any:
+    """Fabric's strategy for the job: one device, DDP, FSDP (each `Block` one unit), or BAdam's own gradient sync.
+
+    - DDP (`auto` on several devices): `find_unused_parameters=False` even with DropBP; the loop gives the branches
+      DropBP dropped zero gradients in the synchronising micro-batch instead (docs/distributed.md has the numbers).
+    - FSDP: full sharding, one unit per `Block`, `use_orig_params` (LoRA mixes frozen and trainable tensors in a
+      unit); checkpoints gather full state dicts, so their format does not change.
+    - BAdam (--optimizer badam/badam_ratio): the DDP processes without the DDP wrapper; the loop all-reduces the
+      gradients of the optimizer's tensors (the active block's, or the selected entries), nothing else.
+    """
+    if job.world_size == 1 and job.strategy == "auto":
+        return "auto"
+    if job.optimizer != "adamw":
+        return _loop_synced_ddp_strategy()
+    if job.strategy == "fsdp":
+        return _fsdp_strategy()
+    from lightning.fabric.strategies import DDPStrategy
+
+    # gradient_as_bucket_view: gradients live in DDP's communication buckets, no second copy.
+    return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def strategy_name(job: FinetuneJob) -> str:
+    """How the job runs on several processes, in words."""
+    if job.optimizer != "adamw":
+        return "data parallel with BAdam's gradients all-reduced by the loop"
+    return "FSDP (full sharding, one unit per block)" if job.strategy == "fsdp" else "DDP"
+
+
+def _fsdp_strategy() -> Any:
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from lit_model.model import Block
+
+    kwargs: dict[str, Any] = dict(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full",
+                                  use_orig_params=True)
+    if torch.cuda.is_available():
+        return FSDPStrategy(**kwargs)
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """FSDP on CPU processes (gloo), which torch supports but Lightning refuses: only for tests and debugging.
+
+        Lightning rejects the FSDPStrategy *type* on CPU and passes FSDP no device, which torch then looks for on an
+        accelerator; naming the CPU device is all it takes. The training code paths are those of the GPU strategy.
+        """
+
+        def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(
+                module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self._fsdp_kwargs,
+            )
+
+    return CPUFSDPStrategy(**kwargs)
+
+
+def _loop_synced_ddp_strategy() -> Any:
+    from lightning.fabric.strategies import DDPStrategy
+
+    class LoopSyncedDDPStrategy(DDPStrategy):
+        """DDP's processes and collectives, without the DDP wrapper: BAdam changes which parameters train every K
+        steps, which DDP's buckets (built once, over the parameters requiring grad at wrap time) cannot follow, and
+        its fp32-master hooks take the gradients before DDP's reducer would. The loop all-reduces instead."""
+
+        def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+            return module
+
+    return LoopSyncedDDPStrategy()
+
+
+def is_fsdp(fabric: Any) -> bool:
+    """Whether the model is sharded with FSDP."""
+    from lightning.fabric.strategies import FSDPStrategy
+
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
+def global_sum(fabric: Any, values: list[int]) -> list[int]:
+    """Integers summed over all ranks (one all-reduce); unchanged on one process."""
+    if fabric.world_size == 1:
+        return values
+    total = fabric.all_reduce(torch.tensor(values, dtype=torch.int64, device=fabric.device), reduce_op="sum")
+    return [int(v) for v in total.tolist()]
+
+
+def dropped_parameters(model: GPT, mask: Any) -> list[torch.nn.Parameter]:
+    """Trainable parameters of the branches `mask` drops (norm and attention, norm and MLP): they get no gradient."""
+    branches = ({"norm_1", "attn"}, {"norm_2", "mlp"})
+    out = []
+    for block, drops in zip(model.transformer.h, mask):
+        for name, p in block.named_parameters():
+            if p.requires_grad and any(d and name.split(".", 1)[0] in b for d, b in zip(drops, branches)):
+                out.append(p)
+    return out
+
+
+def zero_gradient_term(params: list[torch.Tensor]) -> torch.Tensor:
+    """0 in value, with a zero gradient for every tensor in `params` (one element read from each)."""
+    return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+
+
+def all_reduce_gradients(fabric: Any, tensors: list[torch.Tensor]) -> None:
+    """Average the gradients of `tensors` over all ranks, in place: one flat all-reduce per dtype and device.
+
+    Every rank must hold gradients for the same tensors (DropBP's masks are the same on all ranks).
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.grad is not None:
+            groups.setdefault((t.grad.dtype, t.grad.device), []).append(t.grad)
+    for grads in groups.values():
+        flat = fabric.all_reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def gather_objects(fabric: Any, obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (on every rank)."""
+    if fabric.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def dropbp_fingerprint(handler: Any) -> dict[str, Any]:
+    """What decides the DropBP masks: generator state, draws so far, realised counts, rates (plain values)."""
+    state = handler.state_dict()
+    return {"generator": state["generator"].tolist(), "steps": state["steps"], "drop_counts": state["drop_counts"],
+            "drop_rates": state["drop_rates"]}
+
+
+def check_same_on_all_ranks(fabric: Any, value: Any, what: str) -> None:
+    """Raise on every rank if `value` differs between ranks (a cheap guard against silently diverging ranks)."""
+    if fabric.world_size == 1:
+        return
+    values = gather_objects(fabric, value)
+    different = [r for r, v in enumerate(values) if v != values[0]]
+    if different:
+        raise RuntimeError(f"{what} differ between rank 0 and rank(s) {different}: the ranks no longer train the same "
+                           "model. Every rank must run the same code, seed and arguments.")
+
+
+def model_state_dict(fabric: Any, model: Any) -> dict[str, torch.Tensor]:
+    """The unwrapped model's plain state dict; under FSDP gathered whole (collective; complete on rank 0)."""
+    if not is_fsdp(fabric):
+        return model.module.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    with FullyShardedDataParallel.state_dict_type(model._forward_module, StateDictType.FULL_STATE_DICT,
+                                                  _full_state_config(fabric)):
+        state = model._forward_module.state_dict()
+    return {k.removeprefix("gpt."): v for k, v in state.items()}  # LossInForward's attribute: the GPT's own keys
+
+
+def _full_state_config(fabric: Any, optim: bool = False, loading: bool = False) -> Any:
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+
+    # On a GPU: gathered into CPU memory of rank 0 only. On CPU processes (tests) torch's CPU offload of a CPU tensor
+    # crashes (segfault, torch 2.13), and there is nothing to offload: every rank gathers. When loading, every rank
+    # has read the whole file itself.
+    on_gpu = fabric.device.type != "cpu"
+    cls = FullOptimStateDictConfig if optim else FullStateDictConfig
+    return cls(offload_to_cpu=on_gpu, rank0_only=on_gpu and not loading)
+
+
+def optimizer_state(fabric: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state dict in torch's single-process format; under FSDP gathered whole (collective).
+
+    FSDP's full optimizer state is keyed by parameter names; re-keyed by position in the optimizer's parameter list,
+    it is exactly what the same optimizer on one device saves, so checkpoints resume on any number of devices.
+    """
+    if not is_fsdp(fabric):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    fsdp = model._forward_module
+    with FullyShardedDataParallel.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, _full_state_config(fabric),
+                                                  _full_state_config(fabric, optim=True)):
+        named = FullyShardedDataParallel.optim_state_dict(fsdp, optimizer.optimizer)
+    if "param_groups" not in named:  # gathered on rank 0 only: the other ranks do not save
+        return {}
+    order = [name for group in named["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {"state": {index[name]: v for name, v in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def load_optimizer_state(fabric: Any, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load `optimizer_state`'s format; under FSDP every rank takes its shard of the whole state."""
+    if fabric is None or not is_fsdp(fabric):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    fsdp = model._forward_module
+    # The names of the optimizer's parameters, in its order, as FSDP's full state dicts spell them.
+    names = {id(p): clean_name(n) for n, p in fsdp.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.optimizer.param_groups]
+    order = [n for g in groups for n in g]
+    named = {"state": {order[int(i)]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": names_g} for g, names_g in zip(state["param_groups"], groups)]}
+    with FullyShardedDataParallel.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT,
+                                                  _full_state_config(fabric, loading=True),
+                                                  _full_state_config(fabric, optim=True, loading=True)):
+        sharded = FullyShardedDataParallel.optim_state_dict_to_load(fsdp, optimizer.optimizer, named)
+    optimizer.optimizer.load_state_dict(sharded)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the wrappers' path components (FSDP units, checkpoint wrappers)."""
+    for part in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(part, "")
+    return name
 
 
 # ---- building -------------------------------------------------------------------------------------------------------
@@ -417,15 +821,14 @@ def default_precision(quantized: bool = False) -> str:
 
 def validate_job(job: FinetuneJob) -> None:
     """Check every argument at once; raise one error listing all problems."""
-    problems = job.train.problems(job.devices) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
+    problems = job.train.problems(job.world_size) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
+    problems += distributed_problems(job)
     if job.optimizer not in ("adamw", "badam", "badam_ratio"):
         problems.append(f"--optimizer must be adamw, badam or badam_ratio, got {job.optimizer!r}")
     elif job.optimizer != "adamw":
         problems += job.badam.problems()
         if job.mode != "full":
             problems.append(f"--optimizer {job.optimizer} is for full fine-tuning (finetune/full.py)")
-        if job.devices > 1:
-            problems.append(f"--optimizer {job.optimizer} runs on one device (DDP cannot follow its block switches)")
     if job.lora is not None:
         problems += job.lora.problems()
     if job.quantize is not None:
@@ -448,6 +851,28 @@ def validate_job(job: FinetuneJob) -> None:
         problems.append(str(err))
     if problems:
         raise ValueError("Invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+def distributed_problems(job: FinetuneJob) -> list[str]:
+    """What cannot run with the job's --devices, --num_nodes and --strategy (messages; empty when fine)."""
+    out = []
+    if job.devices < 1 or job.num_nodes < 1:
+        out.append(f"--devices and --num_nodes must be positive, got {job.devices} and {job.num_nodes}")
+    if job.strategy not in STRATEGIES:
+        out.append(f"--strategy must be one of {', '.join(STRATEGIES)}, got {job.strategy!r}")
+    if job.strategy != "fsdp":
+        return out
+    if job.quantize is not None:
+        out.append("--strategy fsdp cannot shard 4-bit weights (--quantize): FSDP flattens parameters, which loses "
+                   "bitsandbytes' quantization state. Use --strategy ddp for QLoRA on several devices")
+    if job.optimizer != "adamw":
+        out.append(f"--optimizer {job.optimizer} runs with --strategy ddp (or auto), not fsdp: BAdam keeps optimizer "
+                   "state for one block only, which is what FSDP would otherwise shard")
+    if job.dropbp.rate > 0:
+        out.append("--dropbp.rate > 0 runs with --strategy ddp (or auto), not fsdp: torch's FSDP fails when a block "
+                   "got gradients in one micro-batch of a step and none in the last (it asserts in its post-backward), "
+                   "and fills the dropped tensors of a partly dropped block with zero gradients, which AdamW steps")
+    return out
 
 
 def build_model(job: FinetuneJob) -> GPT:
@@ -539,13 +964,14 @@ def save_checkpoint(
     from lit_model.prompts import save_prompt_style
     from lit_model.tokenizer import TOKENIZER_FILES
 
-    raw: GPT = model.module
+    raw = unwrap(model)
+    weights = model_state_dict(fabric, model)  # collective under FSDP: every rank takes part
     if job.mode == "lora":
-        from lit_model.lora import lora_state_dict
+        from lit_model.lora import is_lora_key
 
-        weights, weights_name = lora_state_dict(raw), LORA_WEIGHTS
+        weights, weights_name = {k: v for k, v in weights.items() if is_lora_key(k)}, LORA_WEIGHTS
     else:
-        weights, weights_name = raw.state_dict(), "lit_model.pth"
+        weights_name = "lit_model.pth"
 
     def write(tmp: Path) -> None:
         save_state_dict({k: v.detach().cpu() for k, v in weights.items()}, tmp / weights_name)
