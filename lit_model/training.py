@@ -200,10 +200,12 @@ def run(job: FinetuneJob) -> dict[str, float]:
         return save_checkpoint(fabric, model, job, prompt_style, target, state, metrics, dropbp)
 
     sample_record = val_records[0] if val_records else train_records[0]
-    distributed, manual_sync = fabric.world_size > 1, fabric.world_size > 1 and job.optimizer != "adamw"
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = isinstance(model._forward_module, DistributedDataParallel)  # also with one process (--strategy ddp)
     session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
-                      sample_record, dropbp, inference_model, manual_sync=manual_sync,
-                      fill_unused=distributed and dropbp is not None and not manual_sync and not is_fsdp(fabric))
+                      sample_record, dropbp, inference_model, fill_unused=ddp and dropbp is not None,
+                      manual_sync=fabric.world_size > 1 and job.optimizer != "adamw")
     t0 = time.perf_counter()
     fit(session, loop, save)
     metrics["train_time_s"] = time.perf_counter() - t0

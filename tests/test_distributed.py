@@ -154,6 +154,18 @@ def test_distributed_argument_errors(tiny_checkpoint, tmp_path) -> None:
         full.setup(**common, devices=2, strategy="fsdp", optimizer="badam")
 
 
+def test_diverging_ranks_are_reported(monkeypatch) -> None:
+    import lit_model.training as training
+
+    class TwoRanks:
+        world_size = 2
+
+    monkeypatch.setattr(training, "gather_objects", lambda fabric, value: [value, {"steps": 3}])
+    training.check_same_on_all_ranks(TwoRanks(), {"steps": 3}, "DropBP masks")  # equal: nothing to say
+    with pytest.raises(RuntimeError, match=r"DropBP masks differ between rank 0 and rank\(s\) \[1\].*same code, seed"):
+        training.check_same_on_all_ranks(TwoRanks(), {"steps": 4}, "DropBP masks")
+
+
 # ---- DDP: 2 processes equal 1 process ----------------------------------------------------------------------------------
 
 
