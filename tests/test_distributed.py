@@ -50,7 +50,8 @@ def launch(ckpt_dir: Path, out: Path, mode: str = "full", devices: int = 2, stra
     script = driver or ROOT / "finetune" / ("full.py" if mode == "full" else "lora.py")
     cmd = [sys.executable, str(script), "--checkpoint_dir", str(ckpt_dir), "--out_dir", str(out),
            "--devices", str(devices), "--strategy", strategy,
-           "--data.train_file", str(ckpt_dir.parent / "train.json"), "--data.val_file", str(ckpt_dir.parent / "val.json"),
+           "--data.train_file", str(ckpt_dir.parent / "train.json"),
+           "--data.val_file", str(ckpt_dir.parent / "val.json"),
            "--data.prompt_style", "alpaca"]
     cmd += flags("train", {**TRAIN, **groups.pop("train", {})}) + flags("eval", {**EVAL, **groups.pop("eval", {})})
     if mode != "full":
@@ -166,7 +167,7 @@ def test_diverging_ranks_are_reported(monkeypatch) -> None:
         training.check_same_on_all_ranks(TwoRanks(), {"steps": 4}, "DropBP masks")
 
 
-# ---- DDP: 2 processes equal 1 process ----------------------------------------------------------------------------------
+# ---- DDP: 2 processes equal 1 process --------------------------------------------------------------------------------
 
 
 def test_ddp_full_fine_tuning_equals_one_process(tiny_checkpoint, tmp_path) -> None:
@@ -183,10 +184,10 @@ def test_ddp_full_fine_tuning_equals_one_process(tiny_checkpoint, tmp_path) -> N
 @pytest.mark.slow
 def test_torchrun_launch_equals_fabric_launch(tiny_checkpoint, tmp_path) -> None:
     # Under torchrun (and SLURM, and `fabric run`) the processes exist already and Fabric only joins them.
+    data = {"train_file": str(tiny_checkpoint.parent / "train.json"),
+            "val_file": str(tiny_checkpoint.parent / "val.json"), "prompt_style": "alpaca"}
     config = {"checkpoint_dir": str(tiny_checkpoint), "out_dir": str(tmp_path / "torchrun"), "devices": 2,
-              "strategy": "ddp", "data": {"train_file": str(tiny_checkpoint.parent / "train.json"),
-                                          "val_file": str(tiny_checkpoint.parent / "val.json"), "prompt_style": "alpaca"},
-              "train": TRAIN, "eval": EVAL}
+              "strategy": "ddp", "data": data, "train": TRAIN, "eval": EVAL}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "finetune/full.py",
            "--config", str(tmp_path / "config.yaml")]
@@ -233,7 +234,8 @@ def test_ddp_lora_with_fully_dropped_micro_batches(tiny_checkpoint, tmp_path) ->
     masks = [json.loads(line)["mask"] for line in (logs / "rank0.jsonl").read_text().splitlines()]
     last_ones = masks[1::2]  # 2 micro-batches per step on each rank: the second one synchronises
     assert any(all(a and m for a, m in mask) for mask in last_ones)
-    run_here(tiny_checkpoint, tmp_path / "one", mode="lora", dropbp=dropbp, train={"micro_batch_size": 4, "max_steps": 8})
+    run_here(tiny_checkpoint, tmp_path / "one", mode="lora", dropbp=dropbp,
+             train={"micro_batch_size": 4, "max_steps": 8})
     assert moved(tiny_checkpoint, tmp_path / "ddp")
     assert_same_run(tmp_path / "one", tmp_path / "ddp")
 
@@ -303,7 +305,7 @@ def test_badam_on_two_processes_equals_one(optimizer, tiny_checkpoint, tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "ddp", atol=5e-5)
 
 
-# ---- FSDP --------------------------------------------------------------------------------------------------------------
+# ---- FSDP ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -343,7 +345,7 @@ def test_fsdp_equals_one_process_saves_full_checkpoints_and_resumes(mode, tiny_c
                              max_new_tokens=2, temperature=0)) == 1
 
 
-# ---- crash and resume ---------------------------------------------------------------------------------------------------
+# ---- crash and resume ------------------------------------------------------------------------------------------------
 
 
 CRASH = '''
@@ -392,7 +394,7 @@ def test_a_rank_dying_mid_save_keeps_the_last_checkpoint_and_resume_continues(ti
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
 
 
-# ---- DDP and DropBP's parameters without gradients: the measurement in docs/distributed.md -----------------------------
+# ---- DDP and DropBP's parameters without gradients: the measurement in docs/distributed.md ---------------------------
 
 
 def _bench(n_layer: int, n_embd: int, steps: int, seq_len: int, out_file: str) -> None:
@@ -419,7 +421,8 @@ def _bench(n_layer: int, n_embd: int, steps: int, seq_len: int, out_file: str) -
     torch.set_num_threads(1)
     config = Config(name="bench", n_layer=n_layer, n_head=4, n_embd=n_embd, n_query_groups=4,
                     intermediate_size=4 * n_embd, vocab_size=512, block_size=seq_len + 1)
-    data = torch.randint(0, 512, (steps + 2, 2, 4, seq_len + 1), generator=torch.Generator().manual_seed(fabric.global_rank))
+    rank_data = torch.Generator().manual_seed(fabric.global_rank)
+    data = torch.randint(0, 512, (steps + 2, 2, 4, seq_len + 1), generator=rank_data)
     results: dict[str, Any] = {}
     for variant in ("no_dropbp", "zero_fill", "find_unused"):
         torch.manual_seed(0)
