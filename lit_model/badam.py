@@ -26,8 +26,9 @@ Where we differ from that package, on purpose:
   continues exactly; the package saves the inner optimizer's state only.
 - BlockOptimizerRatio: see its docstring.
 
-Single process only, like the package in practice: DDP builds its gradient buckets over the parameters that
-require grad when it wraps the model, so it would not follow the block switches.
+On several devices the model is not wrapped in DDP (its gradient buckets, built once over the parameters that
+require grad, could not follow the block switches): the training loop all-reduces the gradients this optimizer
+steps instead (see `lit_model.training`).
 """
 
 from __future__ import annotations

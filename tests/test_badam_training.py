@@ -43,7 +43,7 @@ def test_badam_with_dropbp_checkpointing_accumulation_and_resume(tiny_checkpoint
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
-def test_badam_is_for_full_fine_tuning_on_one_device(tiny_checkpoint, tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"(?s)--badam.switch_mode must be random.*--optimizer badam runs on one"):
-        run(tiny_checkpoint, tmp_path, optimizer="badam", devices=2, badam=BAdamArgs(switch_mode="sideways"),
-            train=short_train(global_batch_size=8))
+def test_badam_is_for_full_fine_tuning_with_ddp(tiny_checkpoint, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"(?s)--optimizer badam runs with --strategy ddp.*--badam.switch_mode must be random"):
+        run(tiny_checkpoint, tmp_path, optimizer="badam", devices=2, strategy="fsdp",
+            badam=BAdamArgs(switch_mode="sideways"), train=short_train(global_batch_size=8))
