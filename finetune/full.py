@@ -19,7 +19,7 @@ def setup(
     seed: int = 1337,
     resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
-    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=5e-4),
+    train: TrainArgs = TrainArgs(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3),
     eval: EvalArgs = EvalArgs(),
     dropbp: DropBPArgs = DropBPArgs(),
     optimizer: Literal["adamw", "badam", "badam_ratio"] = "adamw",

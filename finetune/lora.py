@@ -21,10 +21,10 @@ def setup(
     seed: int = 1337,
     resume: Optional[str] = None,
     data: DataArgs = DataArgs(),
-    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=16, max_steps=None, learning_rate=2e-3),
+    train: TrainArgs = TrainArgs(global_batch_size=8, micro_batch_size=8, learning_rate=3e-3),
     eval: EvalArgs = EvalArgs(),
     dropbp: DropBPArgs = DropBPArgs(),
-    lora: LoRAConfig = LoRAConfig(),
+    lora: LoRAConfig = LoRAConfig(mlp=True),
 ) -> dict[str, float]:
     """Fine-tune a model with LoRA adapters; only the adapters train and only they are saved (out_dir/final).
 

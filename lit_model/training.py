@@ -268,7 +268,8 @@ class Session:
         record = self.sample_record
         text = complete(self.inference_model or self.model.module, self.tokenizer, self.prompt_style, record,
                         self.job.eval.max_new_tokens, self.fabric.device)
-        self.fabric.print(f"Sample: {record['instruction']!r} -> {text!r}")
+        shown = record["instruction"] + (f" [{record['input']}]" if record.get("input") else "")
+        self.fabric.print(f"Sample: {shown!r} -> {text!r}")
 
     def snapshot(self) -> dict[str, Any]:
         """RNG states, data position and DropBP generator: what the next step will consume."""
