@@ -79,7 +79,8 @@ def benchmark(
     Args:
         model: a preset name (see lit_model.config.PRESETS); default: a 4-layer Llama-like model (n_embd 1024).
         overrides: Config fields to change, e.g. '{"n_layer": 2}'.
-        modes: any of full, lora (query, value, projection and MLP adapters), qlora (lora on an NF4 base).
+        modes: any of full, badam (full fine-tuning, Adam on one block at a time), lora (query, value, projection and
+            MLP adapters), qlora (lora on an NF4 base).
         rates: DropBP rates (uniform per branch; 0 is always measured too, as the reference of the speed-ups).
         checkpointing: activation checkpointing settings (0: off, k: every k-th block).
         precision: 32-true, bf16-true or bf16-mixed; default bf16-true on CUDA, 32-true on CPU.
@@ -123,7 +124,7 @@ def build(config: Config, mode: str, precision: str, lora_r: int, device: torch.
     model = GPT(config)
     model.init_weights()
     model.to(dtype=dtype or torch.float32)
-    if mode == "full":
+    if mode in ("full", "badam"):
         return model.to(device)
     if mode == "qlora":
         from lit_model.quantize import quantize_model
@@ -145,7 +146,7 @@ def run_mode(
     model = build(config, mode, precision, lora_r, device).train()
     if every:
         apply_activation_checkpointing(model, every=every)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    optimizer = make_optimizer(model, mode)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_length + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     handlers = {p: DropBPHandler(model, drop_rate=p, seed=seed) for p in rates if p > 0}
@@ -198,6 +199,17 @@ def run_mode(
             realised_drop=statistics.mean(dropped_share[p]), backward_rest_ms=rest_ms,
         ))
     return results
+
+
+def make_optimizer(model: GPT, mode: str) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; for badam, BAdam's BlockOptimizer around it (block 0 active)."""
+    if mode != "badam":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    from lit_model.badam import BlockOptimizer
+
+    named = list(model.named_parameters())
+    base = torch.optim.AdamW([p for _, p in named], lr=1e-5, foreach=True)
+    return BlockOptimizer(base, named, switch_block_every=10**9, switch_mode="ascending", verbose=0)
 
 
 def now(device: torch.device) -> float:
