@@ -17,7 +17,7 @@ from lit_model.training import DEMO_CHECKPOINT, precision_dtype, script_main
 
 
 def main(
-    prompt: str = "Reverse the word 'lamp'.",
+    prompt: str = "Write the digits of 5821 in reverse order.",
     checkpoint_dir: Path = DEMO_CHECKPOINT,
     input: str = "",
     max_new_tokens: int = 100,
