@@ -169,6 +169,9 @@ def run(job: FinetuneJob) -> dict[str, float]:
 
     model = fabric.setup(LossInForward(model) if is_fsdp(fabric) else model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data)))
+    if job.optimizer != "adamw":  # BAdam froze all but the active block (or share) just now
+        active, total = count_parameters(model)
+        fabric.print(f"{job.optimizer}: {active:,} of {total:,} parameters train at a time")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
     batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
                             fabric.world_size, step_samples=job.train.global_batch_size)
