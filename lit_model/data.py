@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from lit_model.prompts import PromptStyle
 
 REQUIRED_FIELDS = ("instruction", "output")
+IGNORE_INDEX = -100  # label of tokens that are not scored (prompt, padding), as in torch's cross-entropy
 
 
 class _Tokenizer(Protocol):
@@ -177,7 +178,7 @@ class SFTDataset(Dataset):
         prompt_style: PromptStyle,
         max_seq_length: int,
         mask_prompt: bool = True,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if max_seq_length < 2:
             raise ValueError(
@@ -220,7 +221,7 @@ class SFTDataset(Dataset):
 
 
 def collate(
-    samples: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, ignore_index: int = -100
+    samples: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, ignore_index: int = IGNORE_INDEX
 ) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with `ignore_index`.
 

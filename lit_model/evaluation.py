@@ -2,38 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from lit_model.model import GPT
 
-IGNORE_INDEX = -100
 
 
 @torch.no_grad()
-def validate(fabric: Any, model: Any, val_data: Any, batch_size: int, max_iters: Optional[int] = None) -> float:
-    """Token-weighted mean cross-entropy over the validation set (or its first `max_iters` batches)."""
-    from lit_model.data import collate
-    from lit_model.loss import chunked_cross_entropy, lm_head_weight
+def validate(
+    fabric: Any,
+    model: Any,
+    val_data: Any,
+    batch_size: int,
+    batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_iters: Optional[int] = None,
+) -> float:
+    """Token-weighted mean cross-entropy over the validation set (or its first `max_iters` batches).
+
+    batch_loss(input_ids, targets) gives one batch's mean loss through `model` (lit_model.training.forward_loss).
+    Every rank skips the same label-free batches, so forwards that gather shards (FSDP) stay in step.
+    """
+    from lit_model.data import IGNORE_INDEX, collate
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     starts = range(0, len(val_data), batch_size)
-    if max_iters is not None:
-        starts = starts[:max_iters]
-    for start in starts:
+    for start in starts[:max_iters] if max_iters is not None else starts:
         batch = collate([val_data[i] for i in range(start, min(start + batch_size, len(val_data)))])
         target = fabric.to_device(batch["labels"][:, 1:])
         n = int((target != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        hidden = model(fabric.to_device(batch["input_ids"][:, :-1]), return_hidden=True)
-        with fabric.autocast():
-            weight, bias = lm_head_weight(model.module.lm_head)
-            total += float(chunked_cross_entropy(hidden, weight, target, bias)) * n
-        count += n
+        if n:
+            total += float(batch_loss(fabric.to_device(batch["input_ids"][:, :-1]), target)) * n
+            count += n
     model.train(was_training)
     return total / max(count, 1)
 

@@ -80,6 +80,12 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(flat, weight, bias, targets, valid, chunk_size, mm_dtype)
 
 
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """`chunked_cross_entropy` of the LM head `head` (plain or LoRA, see `lm_head_weight`) on final hidden states."""
+    weight, bias = lm_head_weight(head)
+    return chunked_cross_entropy(hidden, weight, targets, bias, chunk_size=chunk_size)
+
+
 def lm_head_weight(head: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The effective (weight, bias) of an LM head, to pass to `chunked_cross_entropy`.
 

@@ -22,14 +22,13 @@ import torch
 import yaml
 
 from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.checkpoint_io import LORA_WEIGHTS_NAME
 from lit_model.config import Config
-from lit_model.data import BatchIterator
+from lit_model.data import IGNORE_INDEX, BatchIterator
 from lit_model.model import GPT
 from lit_model import resume as ckpt
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
-IGNORE_INDEX = -100
-LORA_WEIGHTS = "lit_model.lora.pth"
 
 
 @dataclass
@@ -107,11 +106,9 @@ class LossInForward(torch.nn.Module):
         """Mean cross-entropy over the labels of `target` (B, T) that are not IGNORE_INDEX; without it, GPT's output."""
         if target is None:
             return self.gpt(idx, input_pos, drop_mask, return_hidden)
-        from lit_model import loss
+        from lit_model.loss import head_loss
 
-        hidden = self.gpt(idx, drop_mask=drop_mask, return_hidden=True)
-        weight, bias = loss.lm_head_weight(self.gpt.lm_head)
-        return loss.chunked_cross_entropy(hidden, weight, target, bias)
+        return head_loss(self.gpt.lm_head, self.gpt(idx, drop_mask=drop_mask, return_hidden=True), target)
 
 
 def unwrap(model: Any) -> GPT:
@@ -260,10 +257,11 @@ class Session:
         """Token-weighted mean validation loss (every rank computes the same)."""
         from lit_model.evaluation import validate
 
-        if isinstance(self.model.module, LossInForward):
-            return validate_in_forward(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size,
-                                       self.job.eval.max_iters)
-        return validate(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size, self.job.eval.max_iters)
+        def batch_loss(input_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return forward_loss(self.fabric, self.model, input_ids, target)
+
+        return validate(self.fabric, self.model, self.val_data, self.job.train.micro_batch_size, batch_loss,
+                        self.job.eval.max_iters)
 
     def print_sample(self) -> None:
         from lit_model.evaluation import complete
@@ -305,7 +303,7 @@ class Session:
         """
         from lit_model.data import collate
         from lit_model.dropbp import allocate
-        from lit_model.loss import chunked_cross_entropy, lm_head_weight
+        from lit_model.loss import head_loss
 
         fabric, raw, handler, args = self.fabric, unwrap(self.model), self.dropbp, self.job.dropbp
         train = self.job.train
@@ -321,9 +319,7 @@ class Session:
 
             def backprop(mask: Any) -> torch.Tensor:
                 with fabric.autocast():  # the unwrapped module: apply the precision's autocast ourselves
-                    hidden = raw(input_ids, drop_mask=mask, return_hidden=True)
-                    weight, bias = lm_head_weight(raw.lm_head)
-                    return chunked_cross_entropy(hidden, weight, target, bias)
+                    return head_loss(raw.lm_head, raw(input_ids, drop_mask=mask, return_hidden=True), target)
 
             return backprop
 
@@ -429,8 +425,6 @@ def backward_step(s: Session, micro_batches: list[dict[str, torch.Tensor]], n_to
     Gradients: DDP/FSDP average them over ranks during the last micro-batch's backward (the others skip the sync);
     BAdam's optimizers are stepped on gradients this function all-reduces itself (`Session.manual_sync`).
     """
-    from lit_model.loss import chunked_cross_entropy, lm_head_weight
-
     fabric, model, world = s.fabric, s.model, s.fabric.world_size
     step_loss = torch.zeros((), device=fabric.device)
     never_reached: Optional[dict[int, torch.nn.Parameter]] = None  # parameters DropBP dropped in every micro-batch
@@ -444,13 +438,7 @@ def backward_step(s: Session, micro_batches: list[dict[str, torch.Tensor]], n_to
             # DDP and FSDP average the ranks' gradients; the world-size factor makes that average the sum over all
             # ranks of (micro-batch loss x its share of the step's tokens), which is the 1-process gradient.
             share = int((target != IGNORE_INDEX).sum()) * world / n_tokens
-            if isinstance(model.module, LossInForward):
-                loss = model(input_ids, drop_mask=mask, target=target) * share
-            else:
-                hidden = model(input_ids, drop_mask=mask, return_hidden=True)
-                with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
-                    weight, bias = lm_head_weight(model.module.lm_head)
-                    loss = chunked_cross_entropy(hidden, weight, target, bias) * share
+            loss = forward_loss(fabric, model, input_ids, target, mask) * share
             step_loss += loss.detach()
             if s.fill_unused and mask is not None:
                 dropped = {id(p): p for p in dropped_parameters(unwrap(model), mask)}
@@ -478,26 +466,17 @@ def log_step(s: Session, loop: LoopState, loss: float, tokens_per_s: float, bar:
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
 
 
-@torch.no_grad()
-def validate_in_forward(
-    fabric: Any, model: Any, val_data: Any, batch_size: int, max_iters: Optional[int] = None
-) -> float:
-    """`lit_model.evaluation.validate` for a `LossInForward` model (FSDP): the loss comes out of the forward."""
-    from lit_model.data import collate
+def forward_loss(
+    fabric: Any, model: Any, input_ids: torch.Tensor, target: torch.Tensor, drop_mask: Any = None
+) -> torch.Tensor:
+    """One micro-batch's mean cross-entropy through Fabric's wrapper (inside the forward for `LossInForward`)."""
+    from lit_model.loss import head_loss
 
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    starts = range(0, len(val_data), batch_size)
-    for start in starts[:max_iters] if max_iters is not None else starts:
-        batch = collate([val_data[i] for i in range(start, min(start + batch_size, len(val_data)))])
-        target = fabric.to_device(batch["labels"][:, 1:])
-        n = int((target != IGNORE_INDEX).sum())
-        if n:  # every rank skips the same batches: the forwards, which gather shards, stay in step
-            total += float(model(fabric.to_device(batch["input_ids"][:, :-1]), target=target)) * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    if isinstance(model.module, LossInForward):
+        return model(input_ids, drop_mask=drop_mask, target=target)
+    hidden = model(input_ids, drop_mask=drop_mask, return_hidden=True)
+    with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
+        return head_loss(model.module.lm_head, hidden, target)
 
 
 def non_finite_message(value: float, step: int, last_checkpoint: Optional[Path]) -> str:
@@ -904,7 +883,7 @@ def load_trained_weights(model: GPT, checkpoint: Path, mode: str) -> None:
     from lit_model.checkpoint_io import load_checkpoint
 
     if mode == "lora":
-        load_checkpoint(model, checkpoint / LORA_WEIGHTS, strict=True, missing_ok=lambda key: "lora_" not in key)
+        load_checkpoint(model, checkpoint / LORA_WEIGHTS_NAME, strict=True, missing_ok=lambda key: "lora_" not in key)
     else:
         load_checkpoint(model, checkpoint / "lit_model.pth", strict=True)
         model.requires_grad_(True)
@@ -975,7 +954,7 @@ def save_checkpoint(
     if job.mode == "lora":
         from lit_model.lora import is_lora_key
 
-        weights, weights_name = {k: v for k, v in weights.items() if is_lora_key(k)}, LORA_WEIGHTS
+        weights, weights_name = {k: v for k, v in weights.items() if is_lora_key(k)}, LORA_WEIGHTS_NAME
     else:
         weights_name = "lit_model.pth"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -62,3 +63,20 @@ def data_args(ckpt: Path) -> DataArgs:
 def short_train(**kw) -> TrainArgs:
     return TrainArgs(**{"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-2,
                         "lr_warmup_steps": 1, **kw})
+
+
+def final_weights(out: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    """The weights a run saved in out/name: the full model, or the LoRA tensors."""
+    d = out / name
+    return torch.load(d / ("lit_model.pth" if (d / "lit_model.pth").is_file() else "lit_model.lora.pth"),
+                      weights_only=True)
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Training loss per step from every metrics.csv a run (and its resumptions) wrote under out/logs."""
+    found = {}
+    for path in sorted((out / "logs").rglob("metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("loss"):
+                found[int(row["step"])] = float(row["loss"])
+    return found

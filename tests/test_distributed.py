@@ -10,7 +10,6 @@ Run `python tests/test_distributed.py` to measure how DDP handles DropBP's param
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -24,10 +23,12 @@ import torch
 import yaml
 
 from lit_model import resume as ckpt
-from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.args import BAdamArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.data import BatchIterator
 from lit_model.lora import LoRAConfig
-from tests.finetune_utils import ROOT, data_args, load_script, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
+    ROOT, data_args, final_weights, load_script, logged_losses, tiny_checkpoint,
+)
 
 # One optimizer step = 8 samples: 2 ranks x micro-batch 2 x 2 accumulated, or 1 process x micro-batch 4 x 2.
 TRAIN = dict(global_batch_size=8, micro_batch_size=2, max_steps=4, learning_rate=1e-2, lr_warmup_steps=1)
@@ -80,27 +81,12 @@ def run_here(ckpt_dir: Path, out: Path, mode: str = "full", **groups: Any) -> di
     return script.setup(**kwargs, **groups)
 
 
-def weights(out: Path, name: str = "final") -> dict[str, torch.Tensor]:
-    d = out / name
-    return torch.load(d / ("lit_model.pth" if (d / "lit_model.pth").is_file() else "lit_model.lora.pth"),
-                      weights_only=True)
-
-
-def losses(out: Path) -> dict[int, float]:
-    found = {}
-    for path in sorted((out / "logs").rglob("metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("loss"):
-                found[int(row["step"])] = float(row["loss"])
-    return found
-
-
 def assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
-    la, lb = losses(a), losses(b)
+    la, lb = logged_losses(a), logged_losses(b)
     assert la.keys() == lb.keys() and la
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=atol), (step, la, lb)
-    wa, wb = weights(a), weights(b)
+    wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=1e-4, msg=key)
@@ -108,7 +94,7 @@ def assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 def moved(base: Path, out: Path) -> bool:
     """Whether training changed the weights at all (so that equality between runs means something)."""
-    tuned = weights(out)
+    tuned = final_weights(out)
     if any("lora_" in k for k in tuned):
         return any(v.abs().sum() > 0 for k, v in tuned.items() if "lora_B" in k)
     ref = torch.load(base / "lit_model.pth", weights_only=True)
@@ -329,15 +315,15 @@ def test_fsdp_equals_one_process_saves_full_checkpoints_and_resumes(mode, tiny_c
     # Resume under FSDP continues exactly; a generate script reads the checkpoint directory as it is.
     launch(tiny_checkpoint, tmp_path / "resumed", mode=mode, strategy="fsdp", train=train,
            resume=str(tmp_path / "fsdp" / "step-000002"))
-    straight, resumed = losses(tmp_path / "fsdp"), losses(tmp_path / "resumed")
+    straight, resumed = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "resumed")
     assert resumed == {3: straight[3], 4: straight[4]}
-    wa, wb = weights(tmp_path / "fsdp"), weights(tmp_path / "resumed")
+    wa, wb = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "resumed")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=0, rtol=0)
     # The same checkpoint resumes on one device and ends where the 1-device run does.
     run_here(tiny_checkpoint, tmp_path / "one_resumed", mode=mode, train={**train, "micro_batch_size": 4},
              resume=str(tmp_path / "fsdp" / "step-000002"))
-    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "one_resumed")
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "one_resumed")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
     generate = load_script("generate/base.py")
@@ -387,9 +373,9 @@ def test_a_rank_dying_mid_save_keeps_the_last_checkpoint_and_resume_continues(ti
     resumed = launch(tiny_checkpoint, out, train=train, resume="auto")
     assert "Resumed from" in resumed.stdout and "step-000002 at step 2 of 6" in resumed.stdout
     run_here(tiny_checkpoint, tmp_path / "one", train={**train, "micro_batch_size": 4})
-    one, ddp = losses(tmp_path / "one"), losses(out)  # the killed run's metrics were still buffered: lost
+    one, ddp = logged_losses(tmp_path / "one"), logged_losses(out)  # the killed run's metrics were still buffered: lost
     assert sorted(ddp) == [3, 4, 5, 6] and all(ddp[k] == pytest.approx(one[k], abs=1e-5) for k in ddp)
-    wa, wb = weights(tmp_path / "one"), weights(out)
+    wa, wb = final_weights(tmp_path / "one"), final_weights(out)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
 

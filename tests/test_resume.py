@@ -11,7 +11,9 @@ import torch
 from lit_model import resume as ckpt
 from lit_model.args import EvalArgs
 from lit_model.training import NonFiniteLossError
-from tests.finetune_utils import data_args, load_script, short_train, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
+    data_args, final_weights, load_script, logged_losses, short_train, tiny_checkpoint,
+)
 
 MODES = {"full": {}, "lora": {}, "qlora": {"quantize": "bnb.nf4"}}
 
@@ -24,31 +26,17 @@ def run(mode: str, ckpt_dir: Path, out: Path, **kw):
                         eval=EvalArgs(interval=100, exact_match=0, max_new_tokens=2), **extra, **kw)
 
 
-def weights(final: Path) -> dict[str, torch.Tensor]:
-    name = "lit_model.pth" if (final / "lit_model.pth").is_file() else "lit_model.lora.pth"
-    return torch.load(final / name, weights_only=True)
-
-
-def losses(out: Path) -> dict[int, float]:
-    found = {}
-    for path in sorted((out / "logs").rglob("metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("loss"):
-                found[int(row["step"])] = float(row["loss"])
-    return found
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_resume_continues_as_if_never_interrupted(mode, tiny_checkpoint, tmp_path) -> None:
     run(mode, tiny_checkpoint, tmp_path / "straight")
     middle = tmp_path / "straight" / "step-000002"
     assert (middle / ckpt.STATE_NAME).is_file()
     run(mode, tiny_checkpoint, tmp_path / "resumed", resume=str(middle))
-    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
-    la, lb = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    la, lb = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "resumed")
     assert set(lb) == {3, 4}
     assert [la[s] for s in (3, 4)] == [lb[s] for s in (3, 4)]
 
@@ -70,7 +58,7 @@ def test_ctrl_c_saves_then_auto_resume_finishes_the_same(tiny_checkpoint, tmp_pa
     monkeypatch.setattr(training, "log_step", original)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut")] == ["step-000003"]
     run("lora", tiny_checkpoint, tmp_path / "cut", resume="auto", train=short_train(max_steps=4))
-    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "cut" / "final")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "cut")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
