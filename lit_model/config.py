@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 NormName = Literal["LayerNorm", "RMSNorm"]
 MLPName = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP"]
@@ -115,6 +114,8 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No model config at {str(path)!r}. A checkpoint directory needs model_config.yaml.")
+        import yaml  # a script-side dependency: `import lit_model` needs torch only
+
         data = yaml.safe_load(path.read_text()) or {}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -132,6 +133,8 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (the `model_config.yaml` of a checkpoint directory)."""
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
     @classmethod

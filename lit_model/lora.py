@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_model.checkpoint_io import preview
 from lit_model.model import GPT
 from lit_model.quantize import dequantize_weight, is_4bit, logical_numel
 
@@ -263,11 +264,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     ]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} key(s): {_preview(missing)}")
+        problems.append(f"missing {len(missing)} key(s): {preview(missing, 5)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)} key(s): {preview(unexpected, 5)}")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es) (a different r?): {_preview(shapes)}")
+        problems.append(f"{len(shapes)} shape mismatch(es) (a different r?): {preview(shapes, 5)}")
     if problems:
         raise ValueError(
             "The LoRA checkpoint does not match the model's adapters: " + "; ".join(problems) + ". Build the model "
@@ -276,10 +277,6 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state_dict[k])
-
-
-def _preview(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def merge_lora(model: GPT) -> GPT:

@@ -91,3 +91,24 @@ def test_errors() -> None:
         model.set_kv_cache(1, 64)
     with pytest.raises(ValueError, match="drop_mask has 1 rows, the model has 2 blocks"):
         model.train()(torch.zeros(1, 2, dtype=torch.long), drop_mask=[(True, True)])
+
+
+def test_import_needs_torch_only() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in {'yaml', 'lightning', 'transformers', 'safetensors', 'sentencepiece',\n"
+        "                                  'tokenizers', 'jsonargparse', 'bitsandbytes', 'tqdm', 'peft'}:\n"
+        "            raise ImportError('refused ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import torch, lit_model\n"
+        "model = lit_model.GPT(lit_model.Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, block_size=8))\n"
+        "print(model(torch.zeros(1, 3, dtype=torch.long)).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 3, 10])" in result.stdout
