@@ -25,6 +25,7 @@ from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.checkpoint_io import LORA_WEIGHTS_NAME
 from lit_model.config import Config
 from lit_model.data import IGNORE_INDEX, BatchIterator
+from lit_model.lora import count_parameters
 from lit_model.model import GPT
 from lit_model import resume as ckpt
 
@@ -894,13 +895,6 @@ def precision_dtype(precision: str) -> Optional[torch.dtype]:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit weight counts its logical elements."""
-    from lit_model.lora import count_parameters as count
-
-    return count(model)
-
-
 def resolve_prompt_style(name: Optional[str], checkpoint_dir: Path, config: Config) -> Any:
     """--data.prompt_style, else the checkpoint's prompt_style.yaml, else the model family's default."""
     from lit_model.prompts import PromptStyle, load_prompt_style
@@ -996,10 +990,8 @@ def make_loggers(out_dir: Path) -> list[Any]:
 
 
 def write_plot(loop: LoopState, path: Path, title: str) -> None:
-    try:
-        from lit_model.plotting import plot_loss_curve
-    except ImportError:  # pragma: no cover - matplotlib is a dependency; stay usable if it was removed
-        return
+    from lit_model.plotting import plot_loss_curve
+
     plot_loss_curve(loop.train_history, loop.val_history, path, title=f"{title} fine-tuning")
 
 

@@ -27,9 +27,10 @@ import torch
 from lit_model import GPT, Config
 from lit_model.checkpointing import apply_activation_checkpointing
 from lit_model.dropbp import DropBPHandler
-from lit_model.loss import chunked_cross_entropy, lm_head_weight
+from lit_model.loss import head_loss
 from lit_model.memory import model_memory, saved_tensor_bytes
-from lit_model.training import count_parameters, precision_dtype
+from lit_model.lora import count_parameters
+from lit_model.training import precision_dtype
 
 # A Llama-shaped model small enough for a CPU, large enough that the matrix multiplications dominate.
 DEFAULT_MODEL = dict(name="bench-llama", n_layer=4, n_head=16, n_embd=1024, n_query_groups=4, intermediate_size=2816,
@@ -164,8 +165,7 @@ def run_mode(
             t0 = now(device)
             with autocast, saved_tensor_bytes(model) as counter:
                 hidden = model(tokens[:, :-1], drop_mask=mask, return_hidden=True)
-                weight, bias = lm_head_weight(model.lm_head)
-                loss = chunked_cross_entropy(hidden, weight, tokens[:, 1:], bias)
+                loss = head_loss(model.lm_head, hidden, tokens[:, 1:])
             t1 = now(device)
             if loss.grad_fn is not None:  # LoRA with every branch dropped has nothing to differentiate
                 loss.backward()
