@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -939,9 +938,8 @@ def save_checkpoint(
     metrics: dict[str, float], dropbp: Any = None,
 ) -> Path:
     """Write a self-contained checkpoint directory atomically; with `state`, also what resume needs."""
-    from lit_model.checkpoint_io import save_state_dict
+    from lit_model.checkpoint_io import copy_support_files, save_state_dict
     from lit_model.prompts import save_prompt_style
-    from lit_model.tokenizer import TOKENIZER_FILES
 
     raw = unwrap(model)
     weights = model_state_dict(fabric, model)  # collective under FSDP: every rank takes part
@@ -955,9 +953,7 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         save_state_dict({k: v.detach().cpu() for k, v in weights.items()}, tmp / weights_name)
         raw.config.save(tmp / "model_config.yaml")
-        for name in TOKENIZER_FILES:
-            if (Path(job.checkpoint_dir) / name).is_file():
-                shutil.copy2(Path(job.checkpoint_dir) / name, tmp / name)
+        copy_support_files(job.checkpoint_dir, tmp)
         # Absolute base path and the resolved precision, so merge/generate work from any directory.
         hparams = {**_plain(job.hparams), "checkpoint_dir": str(Path(job.checkpoint_dir).resolve()),
                    "precision": job.precision, "mode": job.mode, "metrics": dict(metrics)}
