@@ -1,10 +1,12 @@
-"""Chunked, recomputed cross-entropy: the LM head and the loss without ever holding full (B, T, V) logits.
+"""Chunked cross-entropy: the LM head and the loss without ever holding full (B, T, V) logits.
 
 With a 128k vocabulary, fp32 logits of a batch of 8 x 2048 tokens take 8 GiB, and autograd keeps them (and the
-softmax) for the backward. Here the head runs over `chunk_size` tokens at a time inside one autograd Function that
-saves only its inputs and the per-token logsumexp (N floats); the backward recomputes each chunk's logits, turns
-them into the gradient of the loss (softmax minus one-hot) and multiplies through. This is the idea of Cut
-Cross-Entropy (Wijmans et al., 2024) in plain PyTorch: peak extra memory is one chunk of logits, not N x V.
+softmax) for the backward. Here the head runs over `chunk_size` tokens at a time inside one autograd Function;
+peak extra memory is one chunk of logits, not N x V. As soon as a chunk's logits exist, they are turned into the
+gradient of the loss (softmax minus one-hot) and multiplied through, so the forward hands the backward finished
+gradients (the "fused linear cross-entropy" of Liger-Kernel, here in plain PyTorch); the alternative, saving only
+the inputs and the logsumexp and recomputing each chunk in the backward (Cut Cross-Entropy, Wijmans et al., 2024),
+costs one more N x C x V product for the same memory and is kept behind `grad_in_forward=False`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def chunked_cross_entropy(
     bias: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
     ignore_index: int = -100,
+    grad_in_forward: bool = True,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `targets` over the non-ignored targets.
 
@@ -34,6 +37,9 @@ def chunked_cross_entropy(
     targets: (B, T) class indices; positions equal to `ignore_index` do not count.
     chunk_size: tokens per chunk; the transient memory is one chunk_size x V fp32 block of logits (in the backward
         also its copy in the product dtype when that is bf16/fp16).
+    grad_in_forward: compute the gradients of hidden, weight and bias in the forward (when they need one), so the
+        backward need not recompute the logits; False recomputes them in the backward. Same memory, same values
+        (see `_ChunkedCrossEntropy`); False is there to measure the difference (scripts/benchmark.py --ablate).
 
     Returns a float32 scalar (float64 for float64 inputs). Logits, logsumexp and softmax are computed in float32.
     The matrix products run in the operands' dtype (or autocast's, when autocast is on) with float32 accumulation,
@@ -77,13 +83,17 @@ def chunked_cross_entropy(
     else:
         mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     flat = hidden.reshape(-1, hidden.size(-1))  # (N, C)
-    return _ChunkedCrossEntropy.apply(flat, weight, bias, targets, valid, chunk_size, mm_dtype)
+    # Under no_grad (validation) the Function still sees inputs that require grad: skip the gradient work there.
+    grad_in_forward = grad_in_forward and torch.is_grad_enabled()
+    return _ChunkedCrossEntropy.apply(flat, weight, bias, targets, valid, chunk_size, mm_dtype, grad_in_forward)
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def head_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, grad_in_forward: bool = True
+) -> torch.Tensor:
     """`chunked_cross_entropy` of the LM head `head` (plain or LoRA, see `lm_head_weight`) on final hidden states."""
     weight, bias = lm_head_weight(head)
-    return chunked_cross_entropy(hidden, weight, targets, bias, chunk_size=chunk_size)
+    return chunked_cross_entropy(hidden, weight, targets, bias, chunk_size=chunk_size, grad_in_forward=grad_in_forward)
 
 
 def lm_head_weight(head: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -109,7 +119,16 @@ def lm_head_weight(head: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Forward: per-chunk logits -> logsumexp and the summed loss. Backward: recompute logits, softmax - onehot."""
+    """Per-chunk logits -> logsumexp, the summed loss and, when `grad_in_forward`, the gradients already.
+
+    The loss is a scalar at the end of the graph: its gradient with respect to the logits of a chunk,
+    (softmax - onehot) / n_valid, is known the moment the chunk's logits are, so the forward turns it into the
+    gradients of hidden, weight and bias right away and the backward only multiplies them by the incoming scalar.
+    That saves the recomputation of every chunk's logits (one N x C x V product; 1/3 of the head's FLOPs for full
+    fine-tuning, 1/2 for a frozen head) at the same memory: the saved N x C hidden becomes the N x C gradient, and
+    the weight gradient (allocated in the backward otherwise) exists from the end of the forward instead.
+    Without `grad_in_forward` (or when nothing needs a gradient) the backward recomputes each chunk's logits.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -121,40 +140,52 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         valid: torch.Tensor,  # (N,) bool
         chunk_size: int,
         mm_dtype: torch.dtype,
+        grad_in_forward: bool,
     ) -> torch.Tensor:
         acc_dtype = torch.promote_types(mm_dtype, torch.float32)
         N = hidden.size(0)
         lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        n_valid = valid.sum()
+        grads = _GradBuffers(hidden, weight, *ctx.needs_input_grad[:3], acc_dtype) if grad_in_forward else None
+        if grads is not None and not grads.any:
+            grads = None
+        scale = 1.0 / n_valid.clamp(min=1).to(acc_dtype)
         w = weight.to(mm_dtype)  # a no-op unless autocast or mixed operand dtypes ask for a cast
         # autocast would re-cast inside the loop; the dtypes are already decided.
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, N, chunk_size):
                 end = min(start + chunk_size, N)
-                logits = _chunk_logits(hidden[start:end], w, bias, acc_dtype)  # (n, V)
+                h = hidden[start:end].to(mm_dtype)
+                logits = _chunk_logits(h, w, bias, acc_dtype)  # (n, V)
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 tgt = torch.where(valid[start:end], targets[start:end], 0)
                 target_logit = logits.gather(1, tgt[:, None]).squeeze(1)  # (n,)
                 total += ((lse[start:end] - target_logit) * valid[start:end]).sum()
-        n_valid = valid.sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, n_valid)
-        ctx.chunk_size, ctx.mm_dtype = chunk_size, mm_dtype
+                if grads is not None:  # the logits are not needed any more: they become their gradient in place
+                    grads.add_chunk(start, end, _logits_grad_(logits, lse[start:end], tgt, valid[start:end], scale),
+                                    h, w, mm_dtype)
+        ctx.mm_dtype, ctx.chunk_size = mm_dtype, chunk_size
+        ctx.grad_in_forward = grads is not None
+        if grads is not None:
+            ctx.save_for_backward(*grads.finish(weight, bias))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, n_valid)
         # All targets ignored: 0 / 1 = 0 instead of 0 / 0 = NaN, and the backward gives zero gradients.
-        return total / n_valid.clamp(min=1)
+        return total * scale
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
     ) -> tuple[Optional[torch.Tensor], ...]:
+        if ctx.grad_in_forward:  # d loss / d input is known: scale it by d out / d loss
+            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+            return (*grads, None, None, None, None, None)
         hidden, weight, bias, targets, valid, lse, n_valid = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         mm_dtype, chunk_size = ctx.mm_dtype, ctx.chunk_size
         acc_dtype = lse.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # The weight gradient sums over all chunks: accumulate in float32, cast once at the end.
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.size(0), dtype=acc_dtype, device=weight.device) if need_b else None
-        if need_h or need_w or need_b:
+        grads = _GradBuffers(hidden, weight, *ctx.needs_input_grad[:3], acc_dtype)
+        if grads.any:
             scale = grad_loss.to(acc_dtype) / n_valid.clamp(min=1)
             w = weight.to(mm_dtype)
             with torch.autocast(hidden.device.type, enabled=False):
@@ -162,28 +193,51 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     end = min(start + chunk_size, hidden.size(0))
                     h = hidden[start:end].to(mm_dtype)
                     ok = valid[start:end]
-                    # d loss / d logits = (softmax - onehot(target)) * scale on counted rows, 0 elsewhere.
-                    g = _chunk_logits(h, w, bias, acc_dtype)  # (n, V)
-                    g.sub_(lse[start:end, None]).exp_()
-                    rows = torch.arange(end - start, device=g.device)
-                    g[rows, torch.where(ok, targets[start:end], 0)] -= ok.to(acc_dtype)
-                    g.mul_((ok.to(acc_dtype) * scale)[:, None])
-                    if grad_b is not None:
-                        grad_b += g.sum(0)
-                    g_mm = g.to(mm_dtype)
-                    if grad_h is not None:
-                        grad_h[start:end] = (g_mm @ w).to(grad_h.dtype)  # (n, C)
-                    if grad_w is not None:
-                        grad_w += (g_mm.t() @ h).to(acc_dtype)  # (V, C)
+                    tgt = torch.where(ok, targets[start:end], 0)
+                    g = _logits_grad_(_chunk_logits(h, w, bias, acc_dtype), lse[start:end], tgt, ok, scale)
+                    grads.add_chunk(start, end, g, h, w, mm_dtype)
+        return (*grads.finish(weight, bias), None, None, None, None, None)
+
+
+class _GradBuffers:
+    """The gradients of hidden, weight and bias being built chunk by chunk (None for inputs that need none)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
+                 acc_dtype: torch.dtype) -> None:
+        self.h = torch.empty_like(hidden) if need_h else None
+        # The weight gradient sums over all chunks: accumulate in float32, cast once at the end.
+        self.w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        self.b = torch.zeros(weight.size(0), dtype=acc_dtype, device=weight.device) if need_b else None
+        self.any = need_h or need_w or need_b
+
+    def add_chunk(self, start: int, end: int, g: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                  mm_dtype: torch.dtype) -> None:
+        """Add the contribution of rows start:end, whose loss gradient with respect to their logits is g (n, V)."""
+        if self.b is not None:
+            self.b += g.sum(0)
+        g_mm = g.to(mm_dtype)
+        if self.h is not None:
+            self.h[start:end] = (g_mm @ w).to(self.h.dtype)  # (n, C)
+        if self.w is not None:
+            self.w += (g_mm.t() @ h).to(self.w.dtype)  # (V, C)
+
+    def finish(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
         return (
-            grad_h,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-            None,
-            None,
-            None,
-            None,
+            self.h,
+            self.w.to(weight.dtype) if self.w is not None else None,
+            self.b.to(bias.dtype) if self.b is not None and bias is not None else None,
         )
+
+
+def _logits_grad_(
+    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Turn a chunk's logits (n, V), in place, into d loss / d logits = (softmax - onehot(target)) * scale on the
+    counted rows and 0 on the ignored ones. `targets` must already point ignored rows at a valid class."""
+    g = logits.sub_(lse[:, None]).exp_()
+    ok = valid.to(g.dtype)
+    g[torch.arange(g.size(0), device=g.device), targets] -= ok
+    return g.mul_((ok * scale)[:, None])
 
 
 def _chunk_logits(

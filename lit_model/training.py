@@ -515,12 +515,24 @@ def make_dropbp(model: GPT, args: DropBPArgs, seed: int) -> Any:
     return DropBPHandler(model, drop_rate=args.rate, seed=seed, sampler=args.sampler)
 
 
+def adamw(params: list[torch.nn.Parameter], **hyper: Any) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel wherever every parameter allows it (floating point, on CPU or CUDA).
+
+    torch picks the fused kernel on no device by default (foreach on CUDA, a per-tensor loop on CPU); one kernel over
+    all tensors is much faster where the optimizer step matters, full fine-tuning (BENCHMARKS.md, "what made the step
+    fast"). Its results differ from the loop's by rounding (one float32 ulp); BAdam keeps torch's default, which
+    the reference `badam` package uses and our parity tests reproduce bit for bit.
+    """
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **hyper)
+
+
 def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, or BAdam's block-coordinate wrappers around it (full fine-tuning)."""
     args, badam = job.train, job.badam
     hyper = dict(lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
     if job.optimizer == "adamw":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **hyper)
+        return adamw([p for p in model.parameters() if p.requires_grad], **hyper)
     from lit_model.badam import BlockOptimizer, BlockOptimizerRatio, default_switch_every
 
     named = list(model.named_parameters())

@@ -26,6 +26,7 @@ def load_script(relative: str) -> ModuleType:
     try:
         spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses defined in the script look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_model import GPT, Config
+from lit_model import loss as loss_module
 from lit_model.loss import chunked_cross_entropy, lm_head_weight
 from lit_model.memory import saved_tensor_bytes
 
@@ -34,10 +35,12 @@ def make_inputs(
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # B*T = 21: chunks that divide it and ones that don't
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_full_cross_entropy(dtype: torch.dtype, chunk_size: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_matches_full_cross_entropy(dtype: torch.dtype, chunk_size: int, with_bias: bool, grad_in_forward: bool) -> None:
     hidden, weight, bias, targets = make_inputs(dtype=dtype, bias=with_bias)
     inputs = [t for t in (hidden, weight, bias) if t is not None]
-    loss = chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+    loss = chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size,
+                                 grad_in_forward=grad_in_forward)
     grads = torch.autograd.grad(loss, inputs)
     expected = reference(hidden, weight, targets, bias)
     expected_grads = torch.autograd.grad(expected, inputs)
@@ -47,11 +50,45 @@ def test_matches_full_cross_entropy(dtype: torch.dtype, chunk_size: int, with_bi
         torch.testing.assert_close(got, want, **tol)
 
 
-def test_gradcheck_tiny_double() -> None:
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_gradcheck_tiny_double(grad_in_forward: bool) -> None:
     hidden, weight, bias, targets = make_inputs(B=2, T=3, C=4, V=6)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: chunked_cross_entropy(h, w, targets, bias=b, chunk_size=4), (hidden, weight, bias)
+        lambda h, w, b: chunked_cross_entropy(h, w, targets, bias=b, chunk_size=4, grad_in_forward=grad_in_forward),
+        (hidden, weight, bias),
     )
+
+
+def test_gradients_computed_in_forward_follow_the_incoming_gradient() -> None:
+    """The forward's gradients assume d out / d loss = 1; the backward must scale them by what really comes in
+    (a loss divided by the accumulation steps, or used twice)."""
+    hidden, weight, bias, targets = make_inputs(dtype=torch.float64)
+    loss = chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=5)
+    (0.25 * loss + 3.0 * loss).backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    loss.backward()  # the saved gradients are intact after a backward (not scaled in place)
+    for got, once in zip(first, (hidden.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(got, 3.25 * once)
+    expected = torch.autograd.grad(reference(hidden, weight, targets, bias), (hidden, weight, bias))
+    for got, want in zip((hidden.grad, weight.grad, bias.grad), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_no_gradient_work_without_autograd(monkeypatch) -> None:
+    """Under no_grad (validation) the forward computes the loss only, though its inputs require grad."""
+    chunks = []
+    add_chunk = loss_module._GradBuffers.add_chunk
+    monkeypatch.setattr(loss_module._GradBuffers, "add_chunk",
+                        lambda self, *a: (chunks.append(a[0]), add_chunk(self, *a)))
+    hidden, weight, bias, targets = make_inputs(dtype=torch.float64)  # 21 rows: chunks start at 0, 5, 10, 15, 20
+    with torch.no_grad():
+        loss = chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=5)
+    assert loss.grad_fn is None and chunks == []
+    torch.testing.assert_close(loss, reference(hidden, weight, targets, bias).detach())
+    chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=5)
+    assert chunks == [0, 5, 10, 15, 20]  # with autograd on, the forward does build the gradients
 
 
 def test_bf16_inputs_close_to_fp32_reference() -> None:
@@ -119,20 +156,24 @@ def test_frozen_head_gets_no_gradient() -> None:
 
 
 def test_saved_for_backward_does_not_grow_with_vocab() -> None:
-    def saved(V: int, fn: str) -> int:
+    def saved(V: int, fn: str, train_head: bool = True) -> int:
         h0, weight, _, targets = make_inputs(B=2, T=32, C=16, V=V, dtype=torch.float32, bias=False)
         hidden = h0 * 1.0  # an activation, as the model's final norm output is
+        weight.requires_grad_(train_head)
         with saved_tensor_bytes() as counter:
-            if fn == "chunked":
-                chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
-            else:
+            if fn == "reference":
                 reference(hidden, weight, targets)
+            else:
+                chunked_cross_entropy(hidden, weight, targets, chunk_size=16, grad_in_forward=fn == "in_forward")
         return counter.bytes
 
-    small, large = saved(64, "chunked"), saved(8192, "chunked")
-    assert small == large
-    # hidden (64 x 16 fp32) + targets and mask (64 long + 64 bool) + logsumexp (64 fp32) + the token count
-    assert large <= 64 * 16 * 4 + 64 * 8 + 64 + 64 * 4 + 8
+    # Recomputing: hidden (64 x 16 fp32) + targets and mask (64 long + 64 bool) + logsumexp (64 fp32) + the count.
+    small, large = saved(64, "recompute"), saved(8192, "recompute")
+    assert small == large <= 64 * 16 * 4 + 64 * 8 + 64 + 64 * 4 + 8
+    # Gradients in the forward: the hidden's gradient (64 x 16) instead of the hidden, plus, for a trained head, its
+    # weight gradient (V x 16 fp32, the size of the weight: it becomes .grad in the backward either way).
+    assert saved(64, "in_forward", train_head=False) == saved(8192, "in_forward", train_head=False) == 64 * 16 * 4
+    assert saved(8192, "in_forward") == 64 * 16 * 4 + 8192 * 16 * 4
     # The full-logits loss keeps at least the (64, V) fp32 logits or their log-softmax.
     assert saved(8192, "reference") >= 64 * 8192 * 4
 

@@ -1,0 +1,139 @@
+"""scripts/benchmark.py and its litgpt peer: the rows it reports, its files, and that the peer is the same model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lit_model import GPT, Config
+from lit_model.lora import LoRAConfig, apply_lora, count_parameters
+from tests.finetune_utils import ROOT, load_script
+
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=256, block_size=64)
+
+# Architectures the peer covers, each with what makes it differ from plain Llama.
+PEER_CONFIGS = {
+    "llama-gqa": Config(name="llama-gqa", **TINY),
+    "qwen2-attn-bias": Config(name="qwen2", attn_bias=True, rope_base=1e6, norm_eps=1e-6, **TINY),
+    "llama3-rope-scaling": Config(name="llama3", rope_adjustments=dict(factor=8.0, low_freq_factor=1.0,
+                                  high_freq_factor=4.0, original_max_seq_len=16), **TINY),
+    "pythia": Config(name="pythia", hf_model_type="gpt_neox", parallel_residual=True, bias=True,
+                     rotary_percentage=0.25, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
+                     gelu_approximate="none", **{**TINY, "n_query_groups": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its sibling litgpt_peer at call time too
+    yield load_script("scripts/benchmark.py")
+    sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_rows_table_json_and_plot(bench, tmp_path, capsys) -> None:
+    rows = bench.benchmark(overrides=TINY, modes=("full", "lora"), rates=(0.875,), checkpointing=(0,), warmup=0,
+                           repeats=2, seq_length=32, json_out=tmp_path / "b.json", plot=tmp_path / "b.png")
+    assert [(r["mode"], r["drop_rate"]) for r in rows] == [("full", 0.0), ("full", 0.875), ("lora", 0.0),
+                                                           ("lora", 0.875)]
+    by = {(r["mode"], r["drop_rate"]): r for r in rows}
+    for mode in ("full", "lora"):
+        base, dropped = by[(mode, 0.0)], by[(mode, 0.875)]
+        assert base["realised_drop"] == 0.0 and base["speedup"] == pytest.approx(1.0)
+        assert dropped["realised_drop"] > 0.5  # 4 branches at 0.875: almost every mask drops most of them
+        assert dropped["saved_for_backward_bytes"] < base["saved_for_backward_bytes"]
+        assert dropped["saved_for_backward_bytes"] <= dropped["saved_for_backward_max_bytes"]
+        assert base["step_ms"] == pytest.approx(base["forward_ms"] + base["backward_ms"] + base["optimizer_ms"])
+        assert base["vs_peer"] is None and base["cuda_peak_bytes"] is None
+    # LoRA trains a sliver of the weights: its gradients and optimizer state are a sliver of full fine-tuning's.
+    assert by[("lora", 0.0)]["gradient_bytes"] < by[("full", 0.0)]["gradient_bytes"] / 5
+    # AdamW: m and v per parameter (plus the fused kernel's 4-byte step counters)
+    assert by[("full", 0.0)]["optimizer_state_bytes"] == pytest.approx(2 * by[("full", 0.0)]["gradient_bytes"], rel=1e-3)
+    table = capsys.readouterr().out
+    assert table.count("\n| full | ours |") == 2 and "| lora | ours | 0.875" in table
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["results"] == rows and saved["config"]["n_layer"] == 2
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_peer_is_refused(bench) -> None:
+    model = GPT(PEER_CONFIGS["llama-gqa"])
+    with pytest.raises(ValueError, match="only peer is litgpt"):
+        bench.build_peer("megatron", model, "full", 8, torch.device("cpu"), "32-true", torch.zeros(1, 5).long())
+
+
+def test_missing_litgpt_says_how_to_install(bench, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "litgpt", None)  # makes `import litgpt` raise ImportError
+    with pytest.raises(SystemExit, match="--no-deps litgpt"):
+        bench.benchmark(overrides=TINY, modes=("full",), peer="litgpt")
+
+
+# ---- the litgpt peer: needs the optional litgpt package -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PEER_CONFIGS))
+def test_peer_has_our_logits(bench, name) -> None:
+    pytest.importorskip("litgpt")
+    from litgpt_peer import build_litgpt
+
+    ours = GPT(PEER_CONFIGS[name]).eval()
+    ours.init_weights(std=0.2)  # large enough that a wrong q/k/v order or rotary split changes the logits
+    for module in ours.modules():  # non-trivial norms and biases, so their mapping is checked too
+        for pname, p in module.named_parameters(recurse=False):
+            if pname == "bias" or p.ndim == 1:
+                torch.nn.init.normal_(p, mean=1.0 if pname == "weight" else 0.0, std=0.3)
+    theirs = build_litgpt(ours, None, torch.device("cpu"), torch.float32).eval()
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx), ours(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_peer_lora_trains_the_same_parameters(bench) -> None:
+    pytest.importorskip("litgpt")
+    from litgpt_peer import build_litgpt
+
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, value=True, projection=True, mlp=True)
+    ours = apply_lora(GPT(PEER_CONFIGS["llama-gqa"]), lora).eval()
+    theirs = build_litgpt(ours, lora, torch.device("cpu"), torch.float32).eval()
+    assert count_parameters(theirs) == count_parameters(ours)
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():  # both start with B = 0: the adapted model is the base model
+        torch.testing.assert_close(theirs(idx), ours(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_peer_refuses_what_litgpt_would_compute_differently() -> None:
+    pytest.importorskip("litgpt")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from litgpt_peer import litgpt_config
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    with pytest.raises(ValueError, match="sliding_window"):
+        litgpt_config(Config(sliding_window=16, **TINY))
+
+
+def test_benchmark_times_the_peer_in_the_same_rounds(bench, capsys) -> None:
+    pytest.importorskip("litgpt")
+    rows = bench.benchmark(overrides=TINY, modes=("full", "lora", "qlora"), rates=(0.5,), checkpointing=(0, 1),
+                           warmup=0, repeats=1, seq_length=32, peer="litgpt")
+    peers = [r for r in rows if r["impl"] == "litgpt"]
+    # full and LoRA without checkpointing only: litgpt's fine-tuning has no activation checkpointing, and QLoRA's
+    # NF4 path is not the same kernels in both.
+    assert [(r["mode"], r["checkpointing"]) for r in peers] == [("full", 0), ("lora", 0)]
+    assert all(r["peer_loss_gap"] < 1e-4 for r in peers)
+    assert count_match(peers[0], rows, "full") and count_match(peers[1], rows, "lora")
+    for r in rows:
+        if r["impl"] == "ours":
+            compared = r["checkpointing"] == 0 and r["mode"] in ("full", "lora")
+            assert (r["vs_peer"] is not None) == compared
+            if compared:
+                peer = next(p for p in peers if p["mode"] == r["mode"])
+                assert r["vs_peer"] == pytest.approx(r["tokens_per_s"] / peer["tokens_per_s"])
+    assert "| full | litgpt | - |" in capsys.readouterr().out
+
+
+def count_match(peer: dict, rows: list[dict], mode: str) -> bool:
+    ours = next(r for r in rows if r["mode"] == mode and r["impl"] == "ours")
+    return peer["trainable_params"] == ours["trainable_params"] and peer["weight_bytes"] == ours["weight_bytes"]
