@@ -67,6 +67,8 @@ class Result:
     ideal_speedup: Optional[float] = None
     vs_peer: Optional[float] = None  # tokens/s of this row / tokens/s of the peer's row of the same mode
     peer_loss_gap: Optional[float] = None  # peer rows: |our loss - its loss| on the same weights and tokens
+    model_tflops: float = 0.0  # the model's training FLOPs (PaLM: 6N + 12 L T d per token) / step time
+    mfu: Optional[float] = None  # model_tflops / the device's peak
 
 
 def benchmark(
@@ -83,6 +85,9 @@ def benchmark(
     lora_r: int = 8,
     peer: Optional[str] = None,
     ablate: bool = False,
+    longest: bool = False,
+    memory_budget_gib: Optional[float] = None,
+    peak_tflops: Optional[float] = None,
     device: str = "auto",
     seed: int = 0,
     json_out: Optional[Path] = None,
@@ -107,6 +112,12 @@ def benchmark(
             lora without checkpointing, and reports ours / litgpt tokens per second (needs the litgpt extra).
         ablate: also time our rate-0 step of full and lora with each of its speed-ups taken back in turn (torch's
             default AdamW instead of the fused one; the loss recomputing its logits in the backward).
+        longest: also find, for each mode x rate x checkpointing, the longest sequence (a multiple of 128, at most
+            the model's block_size) whose training step fits: on CUDA, in the GPU's memory (or the budget); on CPU,
+            counted bytes (weights, gradients, optimizer state, saved for backward) within --memory_budget_gib.
+        memory_budget_gib: the memory a step may use for --longest (CUDA default: all the GPU has).
+        peak_tflops: the device's peak dense TFLOP/s for the model-FLOPs utilisation column (MFU); known for
+            H100, H200 and A100 in bf16; without it MFU is left out and only achieved TFLOP/s is shown.
         device: cpu, cuda or auto.
         seed: random seed for weights and tokens.
         json_out: also write the results here.
@@ -125,13 +136,30 @@ def benchmark(
                             torch.device(device), seed, peer if every == 0 else None, ablate)
         gc.collect()
     add_speedups(results)
+    peak = peak_tflops or device_peak_tflops(device, precision)
+    flops = model_flops_per_token(config, seq_length) * batch_size * seq_length
+    for r in results:
+        r.model_tflops = flops / (r.step_ms / 1000) / 1e12
+        r.mfu = r.model_tflops / peak if peak else None
     rows = [asdict(r) for r in results]
     print(header(config, precision, batch_size, seq_length, device))
     print(markdown_table(rows))
+    longest_rows = []
+    if longest:
+        budget = int(memory_budget_gib * 2**30) if memory_budget_gib else None
+        if budget is None and device != "cuda":
+            raise ValueError("--longest on CPU needs --memory_budget_gib (a CPU step does not run out of memory)")
+        for mode, every in [(m, c) for m in modes if m != "badam" for c in checkpointing]:
+            for p in rates:
+                n, used = longest_sequence(config, mode, every, p, precision, batch_size, lora_r,
+                                           torch.device(device), seed, budget)
+                longest_rows.append(dict(mode=mode, drop_rate=p, checkpointing=every, longest_seq=n, bytes=used))
+        print(longest_table(longest_rows, budget, device))
     if json_out is not None:
         Path(json_out).write_text(json.dumps({"config": asdict(config), "precision": precision, "device": device,
                                               "machine": machine(device), "batch_size": batch_size,
-                                              "seq_length": seq_length, "results": rows}, indent=2))
+                                              "seq_length": seq_length, "peak_tflops": peak, "results": rows,
+                                              "longest": longest_rows}, indent=2))
     if plot is not None:
         plot_results(rows, Path(plot), header(config, precision, batch_size, seq_length, device).strip())
         print(f"Wrote {plot}")
@@ -296,6 +324,117 @@ def build_peer(peer: str, model: GPT, mode: str, lora_r: int, device: torch.devi
     return PeerRun(peer_model, optimizer, lambda: litgpt_loss(peer_model, tokens), gap)
 
 
+# Peak dense bf16 tensor-core TFLOP/s (no sparsity), from NVIDIA's data sheets; the first matching name wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def device_peak_tflops(device: str, precision: str) -> Optional[float]:
+    """The peak for MFU on a known GPU in bf16; None elsewhere (pass --peak_tflops)."""
+    if device != "cuda" or not precision.startswith("bf16"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def model_flops_per_token(config: Config, seq_length: int) -> float:
+    """Training FLOPs per token by the PaLM convention (Chowdhery et al. 2022, appendix B): 6 N + 12 L T d_attn, with
+    N the matrix parameters (embedding excluded, LM head included). The same for every mode and DropBP rate, so MFU
+    compares rows as throughput does: a LoRA or DropBP step that skips work shows as higher utilisation."""
+    c = config
+    attn = c.n_embd * (c.n_head + 2 * c.n_query_groups) * c.head_size + c.n_head * c.head_size * c.n_embd
+    mlp = (3 if c.mlp_class_name != "GptNeoxMLP" else 2) * c.n_embd * c.intermediate_size
+    n_matrix = c.n_layer * (attn + mlp) + c.vocab_size * c.n_embd
+    return 6.0 * n_matrix + 12.0 * c.n_layer * seq_length * c.n_head * c.head_size
+
+
+def longest_sequence(
+    config: Config, mode: str, every: int, rate: float, precision: str, batch_size: int, lora_r: int,
+    device: torch.device, seed: int, budget: Optional[int], probes: int = 3,
+) -> tuple[int, Optional[int]]:
+    """The longest sequence (a multiple of 128, at most block_size) whose training step fits, and its memory.
+
+    A length fits when `probes` steps run (DropBP's masks are random: a step that keeps more branches needs more)
+    and the most memory any of them used is within `budget`: CUDA's peak allocated bytes on a GPU (an out-of-memory
+    error means it does not fit), the counted weights, gradients, optimizer state and saved activations on CPU.
+    Returns (0, None) when not even 128 tokens fit.
+    """
+    torch.manual_seed(seed)
+    model = build(config, mode, precision, lora_r, device).train()
+    if every:
+        apply_activation_checkpointing(model, every=every)
+    optimizer = make_optimizer(model, mode)
+    handler = DropBPHandler(model, drop_rate=rate, seed=seed) if rate > 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def used(T: int) -> Optional[int]:
+        most = 0
+        try:
+            for _ in range(probes):
+                tokens = torch.randint(0, config.vocab_size, (batch_size, T + 1), device=device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                mask = handler.set_dropped_layers() if handler else None
+                with autocast, saved_tensor_bytes(model) as counter:
+                    loss = head_loss(model.lm_head, model(tokens[:, :-1], drop_mask=mask, return_hidden=True),
+                                     tokens[:, 1:])
+                if loss.grad_fn is not None:
+                    loss.backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    most = max(most, torch.cuda.max_memory_allocated(device))
+                else:
+                    most = max(most, sum(model_memory(model, optimizer).values()) + counter.bytes)
+                optimizer.zero_grad(set_to_none=True)
+                del loss, tokens
+        except torch.OutOfMemoryError:
+            most = None
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return most if most is not None and (budget is None or most <= budget) else None
+
+    return longest_fitting(used, limit=config.block_size)
+
+
+def longest_fitting(used: Callable[[int], Optional[int]], limit: int, step: int = 128) -> tuple[int, Optional[int]]:
+    """The largest multiple of `step` up to `limit` for which `used` gives a number (not None), assuming that what
+    fits at T fits at every shorter length: double from `step`, then bisect between the last fit and the first miss.
+    Returns (length, used(length)), or (0, None) when `step` itself does not fit."""
+    best, best_used = 0, None
+    T = step
+    while T <= limit:
+        u = used(T)
+        if u is None:
+            break
+        best, best_used = T, u
+        T *= 2
+    lo, hi = best, min(T, (limit // step + 1) * step)  # lo fits (or is 0); hi does not, or is past the limit
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        u = used(mid)
+        if u is None:
+            hi = mid
+        else:
+            lo, best, best_used = mid, mid, u
+    return best, best_used
+
+
+def longest_table(rows: list[dict[str, Any]], budget: Optional[int], device: str) -> str:
+    limit = ("all of the GPU's memory" if budget is None else
+             f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB")
+    what = "CUDA peak allocated" if device == "cuda" else "counted bytes"
+    lines = [f"\nLongest sequence whose step fits in {limit} ({what}):\n",
+             "| mode | DropBP p | ckpt | longest sequence | memory at it (MiB) | vs rate 0 |", "|---|---|---|---|---|---|"]
+    base = {(r["mode"], r["checkpointing"]): r["longest_seq"] for r in rows if r["drop_rate"] == 0}
+    for r in rows:
+        ref = base.get((r["mode"], r["checkpointing"]))
+        ratio = f"{r['longest_seq'] / ref:.2f}x" if ref else "-"
+        mem = f"{r['bytes'] / 2**20:.0f}" if r["bytes"] is not None else "-"
+        lines.append(f"| {r['mode']} | {r['drop_rate']:g} | {r['checkpointing']} | {r['longest_seq']} | {mem} | {ratio} |")
+    return "\n".join(lines)
+
+
 def make_optimizer(model: torch.nn.Module, mode: str, fused: bool = True) -> torch.optim.Optimizer:
     """The training loop's optimizer: AdamW over the trainable parameters (fused where it can be; `fused=False`
     gives torch's default, for the ablation); for badam, BAdam's BlockOptimizer around AdamW (block 0 active)."""
@@ -355,8 +494,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     with_peer = any(r["vs_peer"] is not None for r in rows)
     lines = ["| mode | impl | DropBP p (realised) | ckpt | trainable | fwd ms | bwd ms | opt ms | step ms | tokens/s | "
              + ("vs peer | " if with_peer else "") + "speed-up (ideal) | saved for bwd MiB (max) | weights MiB | "
-             "grads MiB | optim state MiB | CUDA peak MiB |",
-             "|---" * (16 + with_peer) + "|"]
+             "grads MiB | optim state MiB | CUDA peak MiB | model TFLOP/s (MFU) |",
+             "|---" * (17 + with_peer) + "|"]
     for r in rows:
         peak = f"{r['cuda_peak_bytes'] / mib:.0f}" if r["cuda_peak_bytes"] is not None else "-"
         ours = r["impl"].startswith("ours")
@@ -364,13 +503,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         ideal = f" ({r['ideal_speedup']:.2f}x)" if r["ideal_speedup"] is not None else ""
         speed = f"{r['speedup']:.2f}x{ideal}" if ours else "-"
         vs = (f"**{r['vs_peer']:.2f}x** | " if r["vs_peer"] is not None else "- | ") if with_peer else ""
+        mfu = f" ({100 * r['mfu']:.1f}%)" if r["mfu"] is not None else ""
         lines.append(
             f"| {r['mode']} | {r['impl']} | {rate} | {r['checkpointing']} | {r['trainable_params'] / 1e6:.2f}M | "
             f"{r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['step_ms']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {vs}{speed} | "
             f"{r['saved_for_backward_bytes'] / mib:.1f} ({r['saved_for_backward_max_bytes'] / mib:.1f}) | "
             f"{r['weight_bytes'] / mib:.1f} | {r['gradient_bytes'] / mib:.1f} | "
-            f"{r['optimizer_state_bytes'] / mib:.1f} | {peak} |"
+            f"{r['optimizer_state_bytes'] / mib:.1f} | {peak} | {r['model_tflops']:.2f}{mfu} |"
         )
     return "\n".join(lines)
 

@@ -137,3 +137,51 @@ def test_benchmark_times_the_peer_in_the_same_rounds(bench, capsys) -> None:
 def count_match(peer: dict, rows: list[dict], mode: str) -> bool:
     ours = next(r for r in rows if r["mode"] == mode and r["impl"] == "ours")
     return peer["trainable_params"] == ours["trainable_params"] and peer["weight_bytes"] == ours["weight_bytes"]
+
+
+# ---- longest sequence and MFU ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fits_up_to, limit, expected", [
+    (0, 4096, 0), (100, 4096, 0), (128, 4096, 128), (1000, 4096, 896), (3000, 4096, 2944), (10**6, 4096, 4096),
+    (10**6, 600, 512), (10**6, 1000, 896), (700, 600, 512),
+])
+def test_longest_fitting_finds_the_boundary(bench, fits_up_to, limit, expected) -> None:
+    tried = []
+
+    def used(T: int):
+        tried.append(T)
+        assert T % 128 == 0 and T <= limit
+        return T * 10 if T <= fits_up_to else None
+
+    assert bench.longest_fitting(used, limit=limit) == (expected, expected * 10 if expected else None)
+    assert len(tried) <= 2 * 6 + 2  # doubling then bisection: logarithmic in the limit
+
+
+def test_longest_sequence_grows_with_dropbp_on_cpu_budget(bench, capsys) -> None:
+    """On CPU, a budget in counted bytes; dropping 7/8 of the backwards saves activations, so longer sequences fit."""
+    cfg = dict(TINY, block_size=2048)
+    rows = bench.benchmark(overrides=cfg, modes=("lora",), rates=(0.875,), checkpointing=(0,), warmup=0, repeats=1,
+                           seq_length=32, longest=True, memory_budget_gib=6 / 1024)
+    assert rows  # the timing table still comes first
+    out = capsys.readouterr().out
+    table = out[out.index("Longest sequence"):]
+    lengths = {float(line.split("|")[2]): int(line.split("|")[4]) for line in table.splitlines()
+               if line.startswith("| lora |")}
+    assert 0 < lengths[0.0] < lengths[0.875] <= 2048
+    assert lengths[0.0] % 128 == 0 and lengths[0.875] % 128 == 0
+
+
+def test_longest_on_cpu_needs_a_budget(bench) -> None:
+    with pytest.raises(ValueError, match="memory_budget_gib"):
+        bench.benchmark(overrides=TINY, modes=("lora",), checkpointing=(0,), warmup=0, repeats=1, seq_length=16,
+                        longest=True, device="cpu")
+
+
+def test_model_flops_follow_the_palm_formula(bench) -> None:
+    config = Config.from_name("Llama-2-7b-hf")
+    # 6 N + 12 L T d; Llama 2 7B's published shapes: 32 layers of 4 x 4096^2 attention and 3 x 4096 x 11008 MLP
+    # matrices, a 32000 x 4096 LM head (N = 6.61e9: the 6.74e9 parameters less the embedding and the norms).
+    n_matrix = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
+    assert bench.model_flops_per_token(config, 2048) == 6 * n_matrix + 12 * 32 * 2048 * 4096
+    assert bench.device_peak_tflops("cpu", "bf16-true") is None
