@@ -353,8 +353,8 @@ def longest_sequence(
 ) -> tuple[int, Optional[int]]:
     """The longest sequence (a multiple of 128, at most block_size) whose training step fits, and its memory.
 
-    A length fits when `probes` steps run (DropBP's masks are random: a step that keeps more branches needs more)
-    and the most memory any of them used is within `budget`: CUDA's peak allocated bytes on a GPU (an out-of-memory
+    A length fits when `probes` steps run (DropBP's masks are random: a step that keeps more branches needs more;
+    every length is probed with the same masks) and the most memory any of them used is within `budget`: CUDA's peak allocated bytes on a GPU (an out-of-memory
     error means it does not fit), the counted weights, gradients, optimizer state and saved activations on CPU.
     Returns (0, None) when not even 128 tokens fit.
     """
@@ -363,11 +363,12 @@ def longest_sequence(
     if every:
         apply_activation_checkpointing(model, every=every)
     optimizer = make_optimizer(model, mode)
-    handler = DropBPHandler(model, drop_rate=rate, seed=seed) if rate > 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def used(T: int) -> Optional[int]:
         most = 0
+        # Every length sees the same masks, so that what fits at T fits at any shorter length (the search needs it).
+        handler = DropBPHandler(model, drop_rate=rate, seed=seed) if rate > 0 else None
         try:
             for _ in range(probes):
                 tokens = torch.randint(0, config.vocab_size, (batch_size, T + 1), device=device)
@@ -523,10 +524,13 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['mode']}{'' if r['impl'] == 'ours' else ' ' + r['impl']}\np={r['drop_rate']:g} ck={r['checkpointing']}"
-              for r in rows]
+    def label(r: dict[str, Any]) -> str:
+        impl = "" if r["impl"] == "ours" else "\n" + textwrap.fill(r["impl"].removeprefix("ours, "), 14)
+        return f"{r['mode']}{impl}\np={r['drop_rate']:g} ck={r['checkpointing']}"
+
+    labels = [label(r) for r in rows]
     xs = range(len(rows))
-    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(rows)), 7), sharex=True)
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6.0, 1.1 * len(rows)), 7.5), sharex=True)
     bottom = [0.0] * len(rows)
     for part in ("forward", "backward", "optimizer"):
         values = [r[f"{part}_ms"] for r in rows]

@@ -41,9 +41,10 @@ def litgpt_config(config: Config, lora: Optional[LoRAConfig] = None) -> Any:
     from litgpt.config import Config as LitConfig
     from litgpt.lora import Config as LitLoRAConfig
 
+    # Tied embeddings are fine: litgpt's converter copies the embedding into lm_head and fine-tunes the two apart,
+    # which is what its model then does here too (the same values, so the same loss).
     unsupported = [name for name, bad in (("norm_unit_offset (Gemma)", config.norm_unit_offset),
-                                          ("sliding_window", config.sliding_window is not None),
-                                          ("tie_embeddings", config.tie_embeddings)) if bad]
+                                          ("sliding_window", config.sliding_window is not None)) if bad]
     if unsupported:
         raise ValueError(f"The litgpt peer covers Llama-, Qwen2- and GPT-NeoX-shaped configs; {config.name!r} uses "
                          f"{', '.join(unsupported)}. Benchmark a Llama-like config instead (the default model).")

@@ -20,6 +20,7 @@ PEER_CONFIGS = {
     "qwen2-attn-bias": Config(name="qwen2", attn_bias=True, rope_base=1e6, norm_eps=1e-6, **TINY),
     "llama3-rope-scaling": Config(name="llama3", rope_adjustments=dict(factor=8.0, low_freq_factor=1.0,
                                   high_freq_factor=4.0, original_max_seq_len=16), **TINY),
+    "llama3.2-tied": Config(name="llama3.2", tie_embeddings=True, **TINY),
     "pythia": Config(name="pythia", hf_model_type="gpt_neox", parallel_residual=True, bias=True,
                      rotary_percentage=0.25, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
                      gelu_approximate="none", **{**TINY, "n_query_groups": 4}),
