@@ -1,8 +1,12 @@
 """Time and measure one training step per configuration (mode x DropBP rate x activation checkpointing).
 
 Every configuration runs the same step the training loop runs (forward to hidden states, chunked loss, backward,
-AdamW step) on random weights and tokens. Memory is counted by storage (lit_model.memory), so bytes saved for
-backward are the same on CPU and GPU; on CUDA the peak allocated memory is reported as well.
+fused AdamW step) on random weights and tokens. Memory is counted by storage (lit_model.memory), so bytes saved for
+backward are the same on CPU and GPU; on CUDA each configuration's peak allocated memory is reported as well.
+The configurations of one mode run round-robin, one step each per round, so that their ratios are fair on a noisy
+machine: each DropBP rate, `--peer litgpt` (litgpt's own step on the same weights, see litgpt_peer.py) and the
+`--ablate` rows (our step with one speed-up undone). `--longest` searches the longest sequence that fits, and MFU
+uses the PaLM FLOPs count against the GPU's peak.
 
 DropBP's ideal speed-up comes from the same run's rate-0 timings of that mode (DESIGN.md section 2):
 time(p) = T_fwd + (1 - p) * T_bwd(blocks) + T_bwd(rest) + T_opt(p), where T_bwd(rest) (LM head, loss, embedding)
