@@ -116,6 +116,8 @@ def benchmark(
             lora without checkpointing, and reports ours / litgpt tokens per second (needs the litgpt extra).
         ablate: also time our rate-0 step of full and lora with each of its speed-ups taken back in turn (torch's
             default AdamW instead of the fused one; the loss recomputing its logits in the backward).
+            With --peer or --ablate the extra model or optimizer stays resident, so the CUDA peak column includes
+            it: take peaks from a run without them.
         longest: also find, for each mode x rate x checkpointing, the longest sequence (a multiple of 128, at most
             the model's block_size) whose training step fits: on CUDA, in the GPU's memory (or the budget); on CPU,
             counted bytes (weights, gradients, optimizer state, saved for backward) within --memory_budget_gib.
