@@ -20,15 +20,6 @@ VOCAB = 64
 pytestmark = pytest.mark.filterwarnings("ignore:BAdam expect model", "ignore:Sparse invariant checks")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny matmuls: intra-op threads only spin against each other on a shared CPU (~100x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(n_layer: int = 3, bias: bool = False, dtype: torch.dtype = torch.float32) -> GPT:
     cfg = Config(n_layer=n_layer, n_head=4, n_embd=32, vocab_size=VOCAB, block_size=16, bias=bias)
     return GPT(cfg).to(dtype)

@@ -1,7 +1,6 @@
 """LoRA: merge/unmerge, trainability, state dicts, base-checkpoint loading, errors, and parity with peft."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ LLAMA = dict(n_layer=2, n_head=4, n_embd=32, n_query_groups=2, intermediate_size
 NEOX = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=32, parallel_residual=True, bias=True,
             norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", rotary_percentage=0.25, hf_model_type="gpt_neox")
 ALL = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads, and on a busy shared CPU OpenMP's spin-waiting made these
-    tests several times slower with 2 threads; the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kwargs) -> GPT:

@@ -24,15 +24,6 @@ ATOL = 1e-4
 ALL_TARGETS = dict(query=True, key=True, value=True, projection=True, mlp=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny matmuls run fastest on one thread; on a busy machine, waking a pool for each costs milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class LoRARun(NamedTuple):
     hf_model: Any  # the transformers base model
     base_dir: Path  # its directory, converted (HF files, lit_model.pth, model_config.yaml, tokenizer)

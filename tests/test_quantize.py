@@ -4,7 +4,6 @@ Llama, a short training run, LoRA state dicts, merging, and the errors of `quant
 import gc
 import sys
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,16 +34,6 @@ bnb = pytest.importorskip("bitsandbytes")
 LLAMA = dict(n_layer=2, n_head=4, n_embd=64, n_query_groups=2, intermediate_size=128, vocab_size=50, block_size=32)
 ALL = dict(query=True, key=True, value=True, projection=True, mlp=True)
 BLOCK_LINEARS = 2 * 7  # per Llama block: query, key, value, proj, fc_1, fc_2, proj
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads, and on a busy shared CPU OpenMP's spin-waiting made these
-    tests ~100x slower with 2 threads (1.4 s vs 8 ms per training step); the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(std: float = 0.2, **overrides) -> GPT:
