@@ -223,8 +223,7 @@ def run_mode(
         mask = all_dropped if key == "rest" else (handlers[key].set_dropped_layers() if key in handlers else None)
 
         def loss() -> torch.Tensor:
-            hidden = model(tokens[:, :-1], drop_mask=mask, return_hidden=True)
-            return head_loss(model.lm_head, hidden, tokens[:, 1:], grad_in_forward=key != "recomputed loss")
+            return step_loss(model, tokens, mask, grad_in_forward=key != "recomputed loss")
 
         return model, (default_adamw if key == "default AdamW" else optimizer), loss, mask
 
@@ -318,7 +317,7 @@ def build_peer(peer: str, model: GPT, mode: str, lora_r: int, device: torch.devi
     peer_model = build_litgpt(model, lora, device, dtype).train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     with torch.no_grad(), autocast:
-        ours = head_loss(model.lm_head, model(tokens[:, :-1], return_hidden=True), tokens[:, 1:])
+        ours = step_loss(model, tokens)
         theirs = litgpt_loss(peer_model, tokens)
     gap = abs(float(ours) - float(theirs))
     tolerance = 1e-3 if dtype == torch.float32 and precision != "bf16-mixed" else 5e-2
@@ -382,8 +381,7 @@ def longest_sequence(
                     torch.cuda.reset_peak_memory_stats(device)
                 mask = handler.set_dropped_layers() if handler else None
                 with autocast, saved_tensor_bytes(model) as counter:
-                    loss = head_loss(model.lm_head, model(tokens[:, :-1], drop_mask=mask, return_hidden=True),
-                                     tokens[:, 1:])
+                    loss = step_loss(model, tokens, mask)
                 if loss.grad_fn is not None:
                     loss.backward()
                 optimizer.step()
@@ -440,6 +438,12 @@ def longest_table(rows: list[dict[str, Any]], budget: Optional[int], device: str
         mem = f"{r['bytes'] / 2**20:.0f}" if r["bytes"] is not None else "-"
         lines.append(f"| {r['mode']} | {r['drop_rate']:g} | {r['checkpointing']} | {r['longest_seq']} | {mem} | {ratio} |")
     return "\n".join(lines)
+
+
+def step_loss(model: GPT, tokens: torch.Tensor, mask: Any = None, grad_in_forward: bool = True) -> torch.Tensor:
+    """The training loop's loss on (B, T + 1) tokens: hidden states (with a DropBP mask), then the chunked head loss."""
+    hidden = model(tokens[:, :-1], drop_mask=mask, return_hidden=True)
+    return head_loss(model.lm_head, hidden, tokens[:, 1:], grad_in_forward=grad_in_forward)
 
 
 def make_optimizer(model: torch.nn.Module, mode: str, fused: bool = True) -> torch.optim.Optimizer:
