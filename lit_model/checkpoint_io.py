@@ -220,13 +220,17 @@ def load_checkpoint(
     path: str | Path,
     strict: bool = True,
     missing_ok: Optional[Callable[[str], bool]] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> list[str]:
     """Load a state dict file into `model` (which may live on the meta device) with `assign=True`.
 
-    The model takes the checkpoint's tensors (memory-mapped, in their stored dtype). With tied embeddings the LM
-    head is re-tied to the embedding, whether or not the file holds an `lm_head.weight` entry. Shape mismatches always
-    raise; missing and unexpected keys raise when `strict`, except missing keys for which `missing_ok(key)` is True
-    (parameters the caller initialises itself, e.g. LoRA's). Returns the missing keys that `missing_ok` allowed.
+    The model takes the checkpoint's tensors (memory-mapped), each floating-point one cast as it is taken: to `dtype`
+    when given, else to the dtype of the model's own tensor unless that one is on the meta device (then the stored
+    dtype stays). So a model built for a precision keeps that precision whatever the file stores, and peak memory is
+    the model plus one tensor being cast. With tied embeddings the LM head is re-tied to the embedding, whether or not
+    the file holds an `lm_head.weight` entry. Shape mismatches always raise; missing and unexpected keys raise when
+    `strict`, except missing keys for which `missing_ok(key)` is True (parameters the caller initialises itself, e.g.
+    LoRA's). Returns the missing keys that `missing_ok` allowed.
     """
     state = load_state_dict(path)
     expected = model.state_dict(keep_vars=True)
@@ -241,10 +245,19 @@ def load_checkpoint(
     missing = [k for k in absent if k not in allowed]
     if mismatched or (strict and (missing or unexpected)):
         raise ValueError(mismatch_message(str(path), missing, unexpected, mismatched))
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    model.load_state_dict({k: _cast(v, expected[k], dtype) for k, v in state.items() if k in expected}, strict=False,
+                          assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     return allowed
+
+
+def _cast(tensor: torch.Tensor, current: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A loaded tensor in the dtype its model slot asks for (see `load_checkpoint`); integer tensors stay as stored."""
+    if not tensor.is_floating_point() or not current.is_floating_point():
+        return tensor  # e.g. a 4-bit weight's packed bytes, or an integer buffer
+    target = dtype if dtype is not None else (None if current.is_meta else current.dtype)
+    return tensor if target is None or tensor.dtype == target else tensor.to(target)
 
 
 def compare_keys(
@@ -299,35 +312,34 @@ def load_model(
 ) -> GPT:
     """The GPT of a checkpoint directory, in eval mode (call `.train()` to train it).
 
-    Built on the meta device, so no memory goes to random initialisation; the weights are memory-mapped and assigned,
-    then cast to `dtype` (default: the stored dtype) and moved to `device`. Tied embeddings stay tied.
+    Built on the meta device, so no memory goes to random initialisation; the weights are memory-mapped and each is
+    cast to `dtype` as it is assigned (default: the stored dtype; `lit_model.precision.param_dtype` gives the dtype
+    of a Fabric precision), then moved to `device`. Tied embeddings stay tied.
     """
     directory = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_checkpoint(directory)
     with torch.device("meta"):
         model = GPT(config)
-    load_checkpoint(model, directory / WEIGHTS_NAME)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
+    load_checkpoint(model, directory / WEIGHTS_NAME, dtype=dtype)
     return model.to(device).eval()
 
 
 
 
-_PRECISION_DTYPES = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
-
-
 def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """A floating-point torch dtype from its name ("bfloat16", "torch.float16", ...) or a Fabric "-true" precision
-    ("bf16-true", "32-true", "16-true"); None stays None."""
+    """A floating-point torch dtype from its name ("bfloat16", "torch.float16", ...) or a Fabric precision (its
+    parameter dtype: "bf16-true" -> bfloat16, "32-true" and "bf16-mixed" -> float32); None stays None."""
+    from lit_model.precision import PRECISIONS, param_dtype
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    name = _PRECISION_DTYPES.get(str(dtype), str(dtype))
-    value = getattr(torch, name.removeprefix("torch."), None)
+    if str(dtype) in PRECISIONS:
+        return param_dtype(str(dtype))
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(
-            f"Unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (or 32-true, bf16-true, 16-true; "
-            "or leave it unset)."
+            f"Unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (or a precision: 32-true, bf16-true, "
+            "16-true, bf16-mixed; or leave it unset)."
         )
     return value
 

@@ -26,6 +26,8 @@ from lit_model.config import Config
 from lit_model.data import IGNORE_INDEX, BatchIterator
 from lit_model.lora import count_parameters
 from lit_model.model import GPT
+from lit_model.prompts import resolve_prompt_style
+from lit_model.precision import canonical, compute_dtype, default_precision, describe, param_dtype
 from lit_model import resume as ckpt
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
@@ -130,15 +132,21 @@ def run(job: FinetuneJob) -> dict[str, float]:
 
     job.precision = job.precision or default_precision(job.quantize is not None)
     validate_job(job)
+    job.precision = canonical(job.precision)
     resume_from = ckpt.resolve_resume(job.resume, Path(job.out_dir))
     fabric = Fabric(devices=job.devices, num_nodes=job.num_nodes, strategy=make_strategy(job), precision=job.precision,
                     loggers=make_loggers(Path(job.out_dir)))
     if not os.environ.get("LT_CLI_USED"):  # `fabric run` started the processes already and forbids a second launch
         fabric.launch()
     fabric.seed_everything(job.seed)
+    # What Fabric actually runs: it turns 16-mixed into bf16-mixed on CPU (fp16 autocast is CUDA-only).
+    job.precision = canonical(getattr(fabric.strategy.precision, "precision", job.precision))
+    fabric.print(describe(job.precision))
     tokenizer = Tokenizer(job.checkpoint_dir)
     config = Config.from_checkpoint(job.checkpoint_dir)
-    prompt_style = resolve_prompt_style(job.data.prompt_style, job.checkpoint_dir, config)
+    prompt_style, style_source = resolve_prompt_style(job.data.prompt_style, job.checkpoint_dir,
+                                                      config.hf_repo or config.name)
+    fabric.print(f"Prompts: {style_source}")
     train_records, val_records, is_demo = load_records_for(job, config)
     max_seq_length = min(job.train.max_seq_length or config.block_size, config.block_size)
 
@@ -803,23 +811,14 @@ def clean_name(name: str) -> str:
 # ---- building -------------------------------------------------------------------------------------------------------
 
 
-def default_precision(quantized: bool = False) -> str:
-    """bf16 weights on GPUs that support them (the Lit-GPT default for fine-tuning), float32 on CPU.
-
-    Without bf16, fp16 weights with loss scaling; a 4-bit base needs `*-true` (mixed precision would keep float32
-    copies of the weights that quantization exists to avoid).
-    """
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return "bf16-true"
-        return "16-true" if quantized else "16-mixed"
-    return "32-true"
-
-
 def validate_job(job: FinetuneJob) -> None:
     """Check every argument at once; raise one error listing all problems."""
     problems = job.train.problems(job.world_size) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
     problems += distributed_problems(job)
+    try:
+        canonical(job.precision)
+    except ValueError as err:
+        problems.append(f"--precision: {err}")
     if job.optimizer not in ("adamw", "badam", "badam_ratio"):
         problems.append(f"--optimizer must be adamw, badam or badam_ratio, got {job.optimizer!r}")
     elif job.optimizer != "adamw":
@@ -876,8 +875,9 @@ def build_model(job: FinetuneJob) -> GPT:
     """Load the base weights and make the model of the job's mode: all weights trainable, or LoRA (on 4 bits)."""
     from lit_model.checkpoint_io import load_model
 
-    dtype = precision_dtype(job.precision)
-    model = load_model(job.checkpoint_dir, device="cpu", dtype=dtype)
+    # Every weight cast to the precision's parameter dtype as it is loaded, whatever the file stores: float32 for
+    # 32-true and *-mixed (master weights), bf16/fp16 for *-true.
+    model = load_model(job.checkpoint_dir, device="cpu", dtype=param_dtype(job.precision))
     if job.mode == "full":
         model.requires_grad_(True)
         return model
@@ -886,7 +886,7 @@ def build_model(job: FinetuneJob) -> GPT:
     if job.quantize is not None:
         from lit_model.quantize import quantize_model
 
-        model = quantize_model(model, job.quantize, compute_dtype=dtype or torch.float32)
+        model = quantize_model(model, job.quantize, compute_dtype=compute_dtype(job.precision))
     return apply_lora(model, job.lora)
 
 
@@ -899,20 +899,6 @@ def load_trained_weights(model: GPT, checkpoint: Path, mode: str) -> None:
     else:
         load_checkpoint(model, checkpoint / "lit_model.pth", strict=True)
         model.requires_grad_(True)
-
-
-def precision_dtype(precision: str) -> Optional[torch.dtype]:
-    """The weight dtype a Fabric precision setting stores (None: keep float32 weights for mixed precision)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
-
-
-def resolve_prompt_style(name: Optional[str], checkpoint_dir: Path, config: Config) -> Any:
-    """--data.prompt_style, else the checkpoint's prompt_style.yaml, else the model family's default."""
-    from lit_model.prompts import PromptStyle, load_prompt_style
-
-    if name is not None:
-        return PromptStyle.from_name(name)
-    return load_prompt_style(checkpoint_dir) or PromptStyle.for_model(config.hf_repo or config.name)
 
 
 def load_records_for(job: FinetuneJob, config: Config) -> tuple[list[dict], list[dict], bool]:

@@ -36,7 +36,8 @@ from lit_model.dropbp import DropBPHandler
 from lit_model.loss import head_loss
 from lit_model.memory import model_memory, saved_tensor_bytes
 from lit_model.lora import LoRAConfig, count_parameters
-from lit_model.training import adamw, precision_dtype
+from lit_model.precision import autocast, compute_dtype, is_mixed, param_dtype
+from lit_model.training import adamw
 from litgpt_peer import build_litgpt, import_litgpt, litgpt_loss  # scripts/ is on sys.path when run as a script
 
 # Ablation keys of `run_mode` -> the `impl` their rows report.
@@ -176,16 +177,15 @@ def build(config: Config, mode: str, precision: str, lora_r: int, device: torch.
     """Random weights in the layout of the mode: all trainable, LoRA, or LoRA on 4-bit weights."""
     from lit_model.lora import apply_lora
 
-    dtype = precision_dtype(precision)
     model = GPT(config)
     model.init_weights()
-    model.to(dtype=dtype or torch.float32)
+    model.to(dtype=param_dtype(precision))
     if mode in ("full", "badam"):
         return model.to(device)
     if mode == "qlora":
         from lit_model.quantize import quantize_model
 
-        model = quantize_model(model.to(device), "bnb.nf4", compute_dtype=dtype or torch.float32)
+        model = quantize_model(model.to(device), "bnb.nf4", compute_dtype=compute_dtype(precision))
     elif mode != "lora":
         raise ValueError(f"Unknown mode {mode!r}: use full, lora or qlora")
     lora = LoRAConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0, query=True, value=True, projection=True, mlp=True)
@@ -206,7 +206,7 @@ def run_mode(
         apply_activation_checkpointing(model, every=every)
     optimizer = make_optimizer(model, mode)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_length + 1), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    amp = autocast(precision, device)
     handlers = {p: DropBPHandler(model, drop_rate=p, seed=seed) for p in rates if p > 0}
     flops = torch.tensor(DropBPHandler(model, seq_len=seq_length).flops, dtype=torch.float64)
     all_dropped = [(True, True)] * config.n_layer
@@ -235,7 +235,7 @@ def run_mode(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = now(device)
-            with autocast, saved_tensor_bytes(net) as counter:
+            with amp, saved_tensor_bytes(net) as counter:
                 loss = loss_fn()
             t1 = now(device)
             if loss.grad_fn is not None:  # LoRA with every branch dropped has nothing to differentiate
@@ -311,16 +311,16 @@ def build_peer(peer: str, model: GPT, mode: str, lora_r: int, device: torch.devi
         raise ValueError(f"Unknown peer {peer!r}: the only peer is litgpt")
     if mode not in ("full", "lora"):
         return None
-    dtype = precision_dtype(precision) or torch.float32
+    dtype = param_dtype(precision)
     lora = LoRAConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0, query=True, value=True, projection=True, mlp=True) \
         if mode == "lora" else None
     peer_model = build_litgpt(model, lora, device, dtype).train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with torch.no_grad(), autocast:
+    amp = autocast(precision, device)
+    with torch.no_grad(), amp:
         ours = step_loss(model, tokens)
         theirs = litgpt_loss(peer_model, tokens)
     gap = abs(float(ours) - float(theirs))
-    tolerance = 1e-3 if dtype == torch.float32 and precision != "bf16-mixed" else 5e-2
+    tolerance = 1e-3 if dtype == torch.float32 and not is_mixed(precision) else 5e-2
     if gap > tolerance * max(1.0, abs(float(ours))):
         raise RuntimeError(f"litgpt's loss {float(theirs):.6f} differs from ours {float(ours):.6f} on the same weights "
                            "and tokens: the peer model is not the same model, so its timing would not compare")
@@ -368,7 +368,7 @@ def longest_sequence(
     if every:
         apply_activation_checkpointing(model, every=every)
     optimizer = make_optimizer(model, mode)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    amp = autocast(precision, device)
 
     def used(T: int) -> Optional[int]:
         most = 0
@@ -380,7 +380,7 @@ def longest_sequence(
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 mask = handler.set_dropped_layers() if handler else None
-                with autocast, saved_tensor_bytes(model) as counter:
+                with amp, saved_tensor_bytes(model) as counter:
                     loss = step_loss(model, tokens, mask)
                 if loss.grad_fn is not None:
                     loss.backward()
