@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -68,8 +69,9 @@ class Config:
             problems.append(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
         if not 0.0 < self.rotary_percentage <= 1.0:
             problems.append(f"rotary_percentage must be in (0, 1], got {self.rotary_percentage}")
-        elif self.rope_n_elem % 2:
-            problems.append(f"the rotated part of a head ({self.rope_n_elem}) must be even")
+        elif 2 * math.ceil(self.rope_n_elem / 2) > self.head_size:
+            problems.append(f"the rotated channels ({2 * math.ceil(self.rope_n_elem / 2)}) exceed head_size "
+                            f"{self.head_size}")
         if self.norm_class_name not in ("LayerNorm", "RMSNorm"):
             problems.append(f"norm_class_name must be 'LayerNorm' or 'RMSNorm', got {self.norm_class_name!r}")
         if self.mlp_class_name not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP"):
@@ -85,7 +87,10 @@ class Config:
 
     @property
     def rope_n_elem(self) -> int:
-        """Number of channels per head that RoPE rotates."""
+        """RoPE's dimension: int(rotary_percentage * head_size), the denominator of its frequencies base^(-2i/n).
+
+        It rotates 2 * ceil(n / 2) channels (n itself when even), as transformers does for an odd n (GPT-NeoX with
+        rotary_pct 0.25 of head size 4 rotates 2 channels)."""
         return int(self.rotary_percentage * self.head_size)
 
     @property

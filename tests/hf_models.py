@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     # head_size 16: RoPE turns 4 channels at two frequencies (with head_size 8 the one frequency would be 1, any base)
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, rotary_pct=0.25, hidden_act="gelu"),
+    # An odd rotated width (25% of head_size 12 = 3): transformers rotates 2 * ceil(3 / 2) = 4 channels, at the
+    # frequencies base^(-2i/3).
+    "gpt_neox_odd_rotary": dict(model_type="gpt_neox", hidden_size=48, rotary_pct=0.25, hidden_act="gelu"),
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=16),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, sliding_window=5, pad_token_id=0, eos_token_id=1),
 }

@@ -3,6 +3,7 @@
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from lit_model.config import PRESETS, SUPPORTED_HF_MODEL_TYPES, Config
 
@@ -83,3 +84,13 @@ def test_every_preset_is_valid() -> None:
     assert len(PRESETS) >= 45
     for name in PRESETS:
         Config.from_name(name)
+
+
+def test_odd_rotary_width_is_accepted_as_transformers_runs_it() -> None:
+    # GPT-NeoX with rotary_pct 0.25 of head size 4: RoPE's dimension is 1, and 2 channels are rotated.
+    config = Config(n_embd=16, n_head=4, rotary_percentage=0.25, norm_class_name="LayerNorm", hf_model_type="gpt_neox")
+    assert config.rope_n_elem == 1
+    from lit_model.model import rope_cos_sin
+
+    cos, _ = rope_cos_sin(torch.arange(3), config)
+    assert cos.shape == (3, 2)
