@@ -10,10 +10,11 @@ from typing import Optional
 import torch
 
 from lit_model.loading import load_any
-from lit_model.prompts import PromptStyle, load_prompt_style
+from lit_model.precision import autocast, canonical, default_precision, describe, param_dtype
+from lit_model.prompts import resolve_prompt_style
 from lit_model.sampling import generate_tokens
 from lit_model.tokenizer import Tokenizer
-from lit_model.training import DEMO_CHECKPOINT, precision_dtype, script_main
+from lit_model.training import DEMO_CHECKPOINT, script_main
 
 
 def main(
@@ -41,33 +42,37 @@ def main(
         top_k: sample among the k most likely tokens (None: all).
         top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p.
         num_samples: completions to generate.
-        prompt_style: template applied to the prompt (alpaca, plain, llama3, chatml, ...); default: the checkpoint's
-            prompt_style.yaml, else the model family's.
-        precision: 32-true, bf16-true or 16-true (weight dtype); default bf16-true on a GPU with bf16, else 32-true.
+        prompt_style: template applied to the prompt (alpaca, plain, llama3, chatml, ..., chat_template); default:
+            the checkpoint's prompt_style.yaml, else its own chat template, else the family's chat style for an
+            instruct model and plain text for a base model.
+        precision: 32-true, bf16-true, 16-true (weights and arithmetic in that dtype) or bf16-mixed / 16-mixed
+            (float32 weights, autocast); default bf16-true on a GPU with bf16, else 32-true. The weights are cast to
+            it whatever dtype the checkpoint stores.
         device: cpu, cuda, cuda:N or auto.
         seed: random seed for sampling.
     """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if precision is None:
-        precision = "bf16-true" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "32-true"
-    model = load_any(checkpoint_dir, device=device, dtype=precision_dtype(precision))
+    precision = canonical(precision or default_precision(device=device))
+    print(describe(precision), file=sys.stderr)
+    model = load_any(checkpoint_dir, device=device, dtype=param_dtype(precision))
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_name(prompt_style) if prompt_style else (
-        load_prompt_style(checkpoint_dir) or PromptStyle.for_model(model.config.hf_repo or model.config.name)
-    )
-    ids = tokenizer.encode(style.apply(prompt, input), device=torch.device(device))
+    style, source = resolve_prompt_style(prompt_style, checkpoint_dir, model.config.hf_repo or model.config.name,
+                                         for_generation=True)
+    print(f"Prompts: {source}", file=sys.stderr)
+    ids = tokenizer.encode(style.apply(prompt, input), bos=style.adds_bos, device=torch.device(device),
+                           special=style.special_in_text)
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs = []
+    stops = style.stop_tokens(tokenizer)
     for _ in range(num_samples):
         t0, tokens, printed = time.perf_counter(), [], ""
-        for token in generate_tokens(
-            model, ids, max_new_tokens, temperature, top_k, top_p, style.stop_tokens(tokenizer), generator
-        ):
-            tokens.append(token)
-            text = tokenizer.decode(tokens)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text[len(printed):], end="", flush=True)
-                printed = text
+        with autocast(precision, device):  # a no-op for *-true; the tokens are produced inside the loop
+            for token in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator):
+                tokens.append(token)
+                text = tokenizer.decode(tokens)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(text[len(printed):], end="", flush=True)
+                    printed = text
         text = tokenizer.decode(tokens)
         print(text[len(printed):], flush=True)
         elapsed = time.perf_counter() - t0

@@ -126,8 +126,9 @@ class DataArgs:
             demo model, else data/alpaca/train.json (made by scripts/prepare_alpaca.py).
         val_file: validation records; None: split `val_split_fraction` off the training file.
         val_split_fraction: share of the training records held out when there is no val_file.
-        prompt_style: prompt template name (alpaca, plain, llama3, chatml, ...); None: the checkpoint's
-            prompt_style.yaml, else the default for the model family.
+        prompt_style: prompt template name (alpaca, plain, llama3, chatml, ..., or chat_template for the
+            checkpoint's own Jinja template); None: the checkpoint's prompt_style.yaml, else its chat template, else
+            the default for the model family (alpaca for base models).
         mask_prompt: train on response tokens only.
     """
 

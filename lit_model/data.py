@@ -28,7 +28,9 @@ class _Tokenizer(Protocol):
 
     eos_id: int | None
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> torch.Tensor: ...
+    def encode(
+        self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1, special: bool = False
+    ) -> torch.Tensor: ...
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
@@ -159,7 +161,9 @@ def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tu
 class SFTDataset(Dataset):
     """Records tokenized once, at construction, into `{"input_ids", "labels"}` samples.
 
-    `input_ids` = encode(prompt_style.apply(instruction, input), bos=None) + encode(output, bos=False, eos=True).
+    `input_ids` = encode(prompt_style.apply(instruction, input)) + encode(prompt_style.response(..., output)): for a
+    named style the answer and EOS, for a chat template everything it renders after the generation prompt (the answer
+    and the template's end of turn); BOS as the style says (`adds_bos`).
     The prompt and the response are encoded separately and concatenated, rather than encoding prompt + response
     as one string: a tokenizer may merge characters across the boundary (e.g. "\\n" + "Hi" -> "\\nHi"), and then
     the prompt's token count no longer marks where the response starts. Encoding them apart also makes the
@@ -191,9 +195,12 @@ class SFTDataset(Dataset):
         self.num_without_targets = 0
         self._samples: list[tuple[torch.Tensor, int]] = []  # (input_ids, number of prompt tokens within them)
         for record in records:
-            prompt = prompt_style.apply(record["instruction"], record.get("input") or "")
-            prompt_ids = tokenizer.encode(prompt, bos=None).long()
-            response_ids = tokenizer.encode(record["output"], bos=False, eos=True).long()
+            instruction, input = record["instruction"], record.get("input") or ""
+            special = prompt_style.special_in_text
+            prompt_ids = tokenizer.encode(prompt_style.apply(instruction, input), bos=prompt_style.adds_bos,
+                                          special=special).long()
+            response = prompt_style.response(instruction, input, record["output"])
+            response_ids = tokenizer.encode(response, bos=False, eos=prompt_style.appends_eos, special=special).long()
             ids = torch.cat([prompt_ids, response_ids])
             if ids.numel() > max_seq_length:
                 ids = ids[:max_seq_length].clone()  # clone: do not keep the longer tensor alive through a view

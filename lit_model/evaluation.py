@@ -45,7 +45,8 @@ def complete(model: GPT, tokenizer: Any, prompt_style: Any, record: dict, max_ne
     """The greedy completion of one record's prompt (instruction and optional input)."""
     from lit_model.sampling import generate
 
-    prompt = tokenizer.encode(prompt_style.apply(record["instruction"], record.get("input", "")), device=device)
+    text = prompt_style.apply(record["instruction"], record.get("input", ""))
+    prompt = tokenizer.encode(text, bos=prompt_style.adds_bos, device=device, special=prompt_style.special_in_text)
     budget = min(max_new_tokens, model.config.block_size - prompt.numel())
     if budget <= 0:
         return ""  # the prompt alone fills the context: nothing can be generated

@@ -6,8 +6,13 @@ templates reproduce the official Hugging Face `chat_template`s for a single user
 (`apply_chat_template([{"role": "user", ...}], add_generation_prompt=True)`), minus the leading BOS text: the
 tokenizer adds BOS as a token (`tokenizer.encode(..., bos=None)`), never as text.
 
+A style may instead carry a checkpoint's own Jinja `chat_template` (`PromptStyle.from_checkpoint`): then the text is
+what the template renders (lit_model.chat_template, as transformers' `apply_chat_template` renders it), BOS is whatever
+the template writes, and the answer ends with the template's own end-of-turn text instead of an appended EOS.
+
 A checkpoint directory keeps its style in `prompt_style.yaml` (`save_prompt_style` / `load_prompt_style`), so a model
-fine-tuned with one style is prompted with the same style by generate, whatever its family's default.
+fine-tuned with one style is prompted with the same style by generate, whatever its family's default. Which style a
+run uses when none is named: `resolve_prompt_style`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import difflib
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import yaml
 
 PROMPT_STYLE_FILE = "prompt_style.yaml"
+CHAT_TEMPLATE_STYLE = "chat_template"  # the name of a style built from a checkpoint's own chat template
 
 _PLACEHOLDER = re.compile(r"\{(system|prompt|input)\}")
 
@@ -57,17 +63,30 @@ class PromptStyle:
         system_block: how a non-empty system prompt is written into `{system}`, with a `{system}` slot.
         stop_strings: special tokens (as text) that end the model's turn besides EOS, looked up in the tokenizer.
         strip: strip surrounding whitespace from the user's message, as the official templates do with `| trim`.
+        chat_template: a Jinja chat template (a checkpoint's own); when set, it renders the text and `template`,
+            `template_with_input`, `system_block` and `strip` are unused.
+        bos_token, eos_token: the special-token strings a chat template may write (tokenizer_config.json's).
     """
 
     name: str
-    template: str
+    template: str = ""
     template_with_input: str = ""
     system: str = ""
     system_block: str = ""
     stop_strings: tuple[str, ...] = ()
     strip: bool = False
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
     def __post_init__(self) -> None:
+        # A YAML file gives a list; keep the frozen dataclass hashable and comparable.
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.chat_template:
+            from lit_model.chat_template import _compile
+
+            _compile(self.chat_template)  # a syntax error surfaces now, with the line, not at the first sample
+            return
         problems = []
         if "{prompt}" not in self.template:
             problems.append(f"template must contain '{{prompt}}', got {self.template!r}")
@@ -82,11 +101,13 @@ class PromptStyle:
             )
         if problems:
             raise ValueError(f"Invalid PromptStyle {self.name!r}: " + "; ".join(problems))
-        # A YAML file gives a list; keep the frozen dataclass hashable and comparable.
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    # ---- text ------------------------------------------------------------------------------------------------------
 
     def apply(self, prompt: str, input: str = "") -> str:
         """The text the model sees before its response, for an instruction `prompt` and an optional `input`."""
+        if self.chat_template:
+            return self.render(self.messages(prompt, input), add_generation_prompt=True)
         system = _fill(self.system_block, {"system": self.system}) if self.system else ""
         if input and self.template_with_input:
             template = self.template_with_input
@@ -97,6 +118,58 @@ class PromptStyle:
         if self.strip:
             prompt = prompt.strip()
         return _fill(template, {"system": system, "prompt": prompt, "input": input})
+
+    def messages(self, prompt: str, input: str = "") -> list[dict[str, str]]:
+        """The conversation of one instruction: the system prompt (when set) and the user's message, the input
+        after a blank line (as chat datasets join Alpaca's two fields)."""
+        user = f"{prompt}\n\n{input}" if input else prompt
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": user}]
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The chat template's text of a conversation (a style with a `chat_template` only)."""
+        from lit_model.chat_template import render
+
+        if not self.chat_template:
+            raise ValueError(f"Prompt style {self.name!r} has no chat template to render a conversation with")
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
+        return render(self.chat_template, messages, add_generation_prompt, **specials)
+
+    def response(self, prompt: str, input: str, output: str) -> str:
+        """The text that follows `apply(prompt, input)` when the model answers `output`.
+
+        A named style: the answer itself (the tokenizer appends EOS, `appends_eos`). A chat template: everything the
+        template renders after the generation prompt, so the model also learns the template's end of turn. A template
+        whose text with the answer does not begin with its text without it cannot be trained on; that raises.
+        """
+        if not self.chat_template:
+            return output
+        prefix = self.apply(prompt, input)
+        full = self.render([*self.messages(prompt, input), {"role": "assistant", "content": output}])
+        if not full.startswith(prefix):
+            raise ValueError(
+                f"The chat template of prompt style {self.name!r} renders a conversation with the answer that does not "
+                f"begin with the prompt it renders for generation ({prefix[-40:]!r} is not a prefix of the full text), "
+                "so the answer's tokens cannot be told apart. Pass a named --data.prompt_style instead."
+            )
+        return full[len(prefix):]
+
+    @property
+    def adds_bos(self) -> Optional[bool]:
+        """`bos` for `Tokenizer.encode` of the prompt: None (the tokenizer's default) for a named style; False for a
+        chat template, which writes BOS into its text itself when the model wants one (as transformers encodes a
+        rendered chat with add_special_tokens=False)."""
+        return False if self.chat_template else None
+
+    @property
+    def special_in_text(self) -> bool:
+        """Whether the text holds special-token strings to encode as their ids (`Tokenizer.encode(special=...)`)."""
+        return bool(self.chat_template)
+
+    @property
+    def appends_eos(self) -> bool:
+        """Whether the tokenizer appends EOS after the answer (named styles); a chat template writes its own end."""
+        return not self.chat_template
 
     def stop_tokens(self, tokenizer: _Tokenizer) -> tuple[list[int], ...]:
         """Token sequences that end a generation: EOS (and any other ids the tokenizer lists in `stop_ids`, e.g. the
@@ -132,6 +205,23 @@ class PromptStyle:
         return replace(PROMPT_STYLES[name], **overrides) if overrides else PROMPT_STYLES[name]
 
     @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> Optional["PromptStyle"]:
+        """The style of a checkpoint's own chat template (see lit_model.chat_template), or None when it has none.
+
+        Its stop strings are the special tokens the template writes after an answer (e.g. "<|im_end|>",
+        "<|eot_id|>", "<end_of_turn>"), read off the template's own rendering of a probe conversation.
+        """
+        from lit_model.chat_template import find_chat_template, special_tokens
+
+        found = find_chat_template(checkpoint_dir)
+        if found is None:
+            return None
+        tokens = special_tokens(checkpoint_dir)
+        style = cls(name=CHAT_TEMPLATE_STYLE, chat_template=found[0], bos_token=tokens.get("bos_token", ""),
+                    eos_token=tokens.get("eos_token", ""))
+        return replace(style, stop_strings=_end_of_turn_tokens(style))
+
+    @classmethod
     def for_model(cls, model_name: str) -> "PromptStyle":
         """The default style for a model, from its preset name or HF repo id (e.g. "Qwen/Qwen2.5-7B-Instruct").
 
@@ -155,6 +245,59 @@ class PromptStyle:
         base tokenizer may lack. A fine-tuned checkpoint's own `prompt_style.yaml` takes precedence over this mapping.
         """
         return cls.from_name(_style_name_for_model(model_name))
+
+
+_PROBE = "PROBE-ANSWER-7319"
+# Text that looks like a special token: <|im_end|>, </s>, <end_of_turn>, [/INST]; ordinary words never qualify.
+_SPECIAL_LOOKING = re.compile(r"<[^<>\s]+>|\[[^\[\]\s]+\]")
+
+
+def _end_of_turn_tokens(style: PromptStyle) -> tuple[str, ...]:
+    """The special-looking tokens a chat template writes right after an assistant's answer."""
+    from lit_model.chat_template import ChatTemplateError
+
+    try:
+        answer = style.response("Hi", "", _PROBE)
+    except (ChatTemplateError, ValueError):  # a template that refuses the probe: EOS alone stops generation
+        return ()
+    tail = answer[answer.find(_PROBE) + len(_PROBE):] if _PROBE in answer else ""
+    return tuple(dict.fromkeys(_SPECIAL_LOOKING.findall(tail)))
+
+
+def resolve_prompt_style(
+    name: Optional[str], checkpoint_dir: str | Path, model_name: str, for_generation: bool = False
+) -> tuple[PromptStyle, str]:
+    """The style a run uses, and where it came from (printed at start). First match wins:
+
+    1. `name` (--data.prompt_style / --prompt_style): a built-in style, or "chat_template" for the checkpoint's own;
+    2. the checkpoint's prompt_style.yaml (a fine-tuned checkpoint: the style it was trained with);
+    3. the checkpoint's own chat template (tokenizer_config.json, chat_template.jinja, a GGUF's metadata);
+    4. the model family's default (`PromptStyle.for_model`): for a base model that is Alpaca in training, which
+       teaches the format, and `plain` in generation, since a base model continues text it was never taught to
+       read as an instruction.
+    """
+    directory = Path(checkpoint_dir)
+    if name == CHAT_TEMPLATE_STYLE:
+        style = PromptStyle.from_checkpoint(directory)
+        if style is None:
+            raise ValueError(
+                f"--prompt_style {CHAT_TEMPLATE_STYLE} asks for the checkpoint's chat template, but {directory} has "
+                "none (no chat_template in tokenizer_config.json, no chat_template.jinja). Name a built-in style: "
+                f"{', '.join(PROMPT_STYLES)}."
+            )
+        return style, f"the chat template of {directory}"
+    if name is not None:
+        return PromptStyle.from_name(name), f"prompt style {name!r} (asked for)"
+    saved = load_prompt_style(directory)
+    if saved is not None:
+        return saved, f"prompt style {saved.name!r} from {directory / PROMPT_STYLE_FILE}"
+    own = PromptStyle.from_checkpoint(directory)
+    if own is not None:
+        return own, f"the chat template of {directory}"
+    style = PromptStyle.for_model(model_name)
+    if for_generation and style.name == "alpaca":
+        return PROMPT_STYLES["plain"], f"prompt style 'plain' ({model_name} is a base model without a chat template)"
+    return style, f"prompt style {style.name!r} (the default for {model_name})"
 
 
 def _style_name_for_model(model_name: str) -> str:
@@ -299,7 +442,7 @@ def load_prompt_style(checkpoint_dir: str | Path) -> PromptStyle | None:
     name = data.pop("name")
     if name in PROMPT_STYLES:
         return PromptStyle.from_name(name, **data)
-    if "template" not in data:
+    if "template" not in data and "chat_template" not in data:
         raise ValueError(
             f"{path} names the unknown style {name!r} without a 'template'. "
             f"Use one of {', '.join(PROMPT_STYLES)} or give the full style."

@@ -206,6 +206,7 @@ class Tokenizer:
         eos: bool = False,
         max_length: int = -1,
         device: torch.device | None = None,
+        special: bool = False,
     ) -> torch.Tensor:
         """Token ids of `text` as a 1-D int64 tensor.
 
@@ -215,6 +216,10 @@ class Tokenizer:
             eos: append EOS.
             max_length: keep only the first `max_length` ids when positive.
             device: where to put the tensor.
+            special: for the SentencePiece backend, turn control-token strings ("<s>", "</s>") in the text into their
+                ids, as a rendered chat template needs; each stretch of text between them is encoded on its own
+                (with SentencePiece's dummy prefix, as Meta's reference chat code encodes every turn apart). The HF
+                backend always parses special tokens.
         """
         if bos is None:
             bos = self.use_bos
@@ -222,6 +227,8 @@ class Tokenizer:
             # The post-processor is bypassed (add_special_tokens=False) and BOS/EOS added here, so they are never
             # added twice and the caller decides, whatever the tokenizer.json template says.
             ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids
+        elif special:
+            ids = self._sp_encode_special(text)
         else:
             ids = self._sp.encode(text)
         if bos:
@@ -240,6 +247,26 @@ class Tokenizer:
         if max_length > 0:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def _sp_encode_special(self, text: str) -> list[int]:
+        """SentencePiece ids with control-token strings in `text` mapped to their ids (see `encode(special=True)`)."""
+        import re
+
+        sp = self._sp
+        controls = {sp.id_to_piece(i): i for i in range(sp.vocab_size()) if sp.is_control(i)}
+        if not controls:
+            return sp.encode(text)
+        pattern = re.compile("|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)))
+        ids: list[int] = []
+        start = 0
+        for match in pattern.finditer(text):
+            if match.start() > start:
+                ids += sp.encode(text[start:match.start()])
+            ids.append(controls[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += sp.encode(text[start:])
+        return ids
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str:
         """The text of token ids (a 1-D tensor, a 0-D tensor or a list); special tokens are dropped if asked."""
