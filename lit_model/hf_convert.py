@@ -498,22 +498,25 @@ def export_hf_checkpoint(
     output_dir: str | Path,
     max_shard_size: int | str = "5GB",
     base_dir: Optional[str | Path] = None,
+    dtype: Optional[str | torch.dtype] = None,
 ) -> Path:
     """Write any of our checkpoint directories as a Hugging Face one: config.json, model.safetensors (sharded with an
     index when larger than `max_shard_size`), the tokenizer files and generation_config.json. Returns `output_dir`.
 
     A LoRA checkpoint is merged into its base model first (in memory; see `merge_lora_weights`), its base found as
     `read_lora_checkpoint` says (`base_dir` overrides it). `transformers.AutoModelForCausalLM.from_pretrained(
-    output_dir)` then gives our logits (the LoRA model's, for a LoRA checkpoint).
+    output_dir)` then gives our logits (the LoRA model's, for a LoRA checkpoint). `dtype` (a dtype or a precision
+    name) casts the weights, one tensor at a time as they are written; default: as stored.
     """
     out = Path(output_dir)
     _refuse_hf_checkpoint_in(out)
     limit = _parse_size(max_shard_size)
+    target = parse_dtype(dtype)
     directory = Path(checkpoint_dir)
     if is_lora_checkpoint(directory):
         lora = read_lora_checkpoint(directory, base_dir)
         config, support = lora.config, lora_support_dir(lora)
-        state = merge_lora_weights(lora)
+        state = merge_lora_weights(lora, target)
         source = f"{lora.base_dir / WEIGHTS_NAME} merged with {directory}"
     else:
         if base_dir is not None:
@@ -524,7 +527,7 @@ def export_hf_checkpoint(
         config = Config.from_checkpoint(directory)
         state = load_state_dict(directory / WEIGHTS_NAME)  # memory-mapped
         source = str(directory / WEIGHTS_NAME)
-    _write_hf_checkpoint(state, config, out, limit, support, source)
+    _write_hf_checkpoint(state, config, out, limit, support, source, target)
     return out
 
 
@@ -537,7 +540,8 @@ def _refuse_hf_checkpoint_in(out: Path) -> None:
 
 
 def _write_hf_checkpoint(
-    state: dict[str, torch.Tensor], config: Config, out: Path, limit: int, support: Path, source: str
+    state: dict[str, torch.Tensor], config: Config, out: Path, limit: int, support: Path, source: str,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Check `state` against the model `config` describes, then write it to `out` in Hugging Face format; config.json
     is written last, so a directory that has one is complete. `support` holds the tokenizer files to copy."""
@@ -552,8 +556,8 @@ def _write_hf_checkpoint(
         if any(".lora_" in k for k in unexpected):
             advice = "LoRA weights cannot be exported: merge them first (`python scripts/merge_lora.py`)."
         raise ValueError(mismatch_message(source, missing, unexpected, mismatched, advice))
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    hf_config = hf_config_dict(config, dtype)
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    hf_config = hf_config_dict(config, dtype or stored)
     generation = support / GENERATION_CONFIG_NAME
     if generation.is_file():  # transformers reads the special tokens from config.json too
         tokens = json.loads(generation.read_text())
@@ -572,6 +576,8 @@ def _write_hf_checkpoint(
 
     try:
         for name, tensor in lit_to_hf(state.items(), config):
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
             nbytes = tensor.numel() * tensor.element_size()
             if shard and size + nbytes > limit:
                 flush()

@@ -26,6 +26,7 @@ def convert_lit_checkpoint(
     max_shard_size: str = "5GB",
     peft_adapter: bool = False,
     base_dir: Optional[Path] = None,
+    precision: Optional[str] = None,
 ) -> Path:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files) to `output_dir`.
 
@@ -41,6 +42,8 @@ def convert_lit_checkpoint(
         max_shard_size: Largest safetensors file, e.g. 5GB or 500MB.
         peft_adapter: For a LoRA checkpoint: write the base model and a PEFT adapter instead of the merged model.
         base_dir: For a LoRA checkpoint: its base model's directory, if not where hyperparameters.yaml says.
+        precision: dtype of the exported weights: float32, bfloat16, float16 or a precision (32-true, bf16-true, ...);
+            default: as stored (a LoRA checkpoint: its base model's dtype).
 
     Returns:
         The output directory.
@@ -50,7 +53,8 @@ def convert_lit_checkpoint(
                                             base_dir=base_dir)
         print(f"Wrote the base model to {base} and the PEFT adapter to {adapter}")
         return Path(output_dir)
-    out = export_hf_checkpoint(checkpoint_dir, output_dir, max_shard_size=max_shard_size, base_dir=base_dir)
+    out = export_hf_checkpoint(checkpoint_dir, output_dir, max_shard_size=max_shard_size, base_dir=base_dir,
+                               dtype=precision)
     print(f"Wrote a Hugging Face checkpoint to {out}")
     return out
 

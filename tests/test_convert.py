@@ -107,6 +107,13 @@ def test_export_sharded_and_bfloat16_with_tokenizer(tmp_path: Path) -> None:
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     text = "Hello tokenizer"
     assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(directory)(text).input_ids
+    # --precision widens the bf16 checkpoint on export: float32 tensors, exactly the bf16 values.
+    wide = export(directory, tmp_path / "wide", precision="32-true")
+    assert json.loads((wide / "config.json").read_text())["torch_dtype"] == "float32"
+    reloaded = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.float32).eval()
+    for name, tensor in reloaded.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, hf_model.state_dict()[name].to(torch.bfloat16)
+                                                              .float()), name
 
 
 def test_sharded_safetensors_stream_one_shard_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
