@@ -92,16 +92,18 @@ class EvalArgs:
     Args:
         interval: steps between validation runs (validation also runs at the end).
         max_iters: validation batches per run (None: the whole validation set).
-        initial_validation: also validate before the first step.
+        initial_validation: also validate before the first step (the baseline of the final validation loss).
         exact_match: held-out samples scored by greedy generation before and after training (None: 100 for the
             bundled demo task set, 0 otherwise).
+        exact_match_before: also score them before training (the "before" of the demo's before/after line).
         max_new_tokens: tokens generated per sample (exact match and the sample generation).
     """
 
     interval: int = 50
     max_iters: Optional[int] = None
-    initial_validation: bool = False
+    initial_validation: bool = True
     exact_match: Optional[int] = None
+    exact_match_before: bool = True
     max_new_tokens: int = 50
 
     def problems(self) -> list[str]:
@@ -130,6 +132,8 @@ class DataArgs:
             checkpoint's own Jinja template); None: the checkpoint's prompt_style.yaml, else its chat template, else
             the default for the model family (alpaca for base models).
         mask_prompt: train on response tokens only.
+        demo: train and validate on the bundled digit-task set (lit_model/demo_tasks.py, 2000 / 150 records) and
+            report held-out exact match; default: on for the demo model when no train_file is given.
     """
 
     train_file: Optional[Path] = None
@@ -137,9 +141,12 @@ class DataArgs:
     val_split_fraction: float = 0.05
     prompt_style: Optional[str] = None
     mask_prompt: bool = True
+    demo: Optional[bool] = None
 
     def problems(self) -> list[str]:
         out = []
+        if self.demo and (self.train_file is not None or self.val_file is not None):
+            out.append("--data.demo true trains on the bundled task set: leave out --data.train_file/--data.val_file")
         for name in ("train_file", "val_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -158,9 +165,14 @@ class DropBPArgs:
         sensitivity_at: fraction of training after which per-branch rates are re-allocated from measured gradient
             sensitivity (0: keep uniform rates).
         allocator: greedy (the reference: 0.1 steps, cap 0.9) or flops (exact: minimise sum S_l * b_l^2).
-        sampler: independent (Bernoulli per branch, unbiased) or topup (the official later scheme; biased upward).
+        sampler: independent (Bernoulli per branch, the paper's), topup (the official later scheme; biased upward),
+            stratified (each branch kept exactly its share of steps) or prefix (drop everything below a random cut:
+            exact gradients for the kept branches; its per-branch rates follow from the cut).
         min_rate: the lowest rate any branch may get.
         sensitivity_samples: micro-batches averaged for the sensitivity measurement.
+        sensitivity: exact (the paper's: drop each branch alone, 2 * n_layer + 1 passes per sample) or estimate
+            (one pass per sample: the gradient each branch sends back, read with hooks).
+        warmup: fraction of training over which the rates ramp linearly from 0 to their targets (0: none).
     """
 
     rate: float = 0.0
@@ -169,6 +181,8 @@ class DropBPArgs:
     sampler: str = "independent"
     min_rate: float = 0.0
     sensitivity_samples: int = 1
+    sensitivity: str = "exact"
+    warmup: float = 0.0
 
     def problems(self) -> list[str]:
         out = []
@@ -178,8 +192,16 @@ class DropBPArgs:
             out.append(f"--dropbp.sensitivity_at must be in [0, 1), got {self.sensitivity_at}")
         if self.allocator not in ("greedy", "flops"):
             out.append(f"--dropbp.allocator must be greedy or flops, got {self.allocator!r}")
-        if self.sampler not in ("independent", "topup"):
-            out.append(f"--dropbp.sampler must be independent or topup, got {self.sampler!r}")
+        samplers = ("independent", "topup", "stratified", "prefix")
+        if self.sampler not in samplers:
+            out.append(f"--dropbp.sampler must be one of {', '.join(samplers)}, got {self.sampler!r}")
+        elif self.sampler == "prefix" and self.rate > 0 and self.sensitivity_at > 0:
+            out.append("--dropbp.sampler prefix takes its per-branch rates from its cut, not from sensitivity: "
+                       "set --dropbp.sensitivity_at 0 (or use another sampler)")
+        if self.sensitivity not in ("exact", "estimate"):
+            out.append(f"--dropbp.sensitivity must be exact or estimate, got {self.sensitivity!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            out.append(f"--dropbp.warmup must be in [0, 1), got {self.warmup}")
         if self.rate > 0 and not 0.0 <= self.min_rate <= self.rate:
             out.append(f"--dropbp.min_rate must be in [0, rate={self.rate}], got {self.min_rate}")
         if self.sensitivity_samples <= 0:

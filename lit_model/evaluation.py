@@ -55,8 +55,16 @@ def complete(model: GPT, tokenizer: Any, prompt_style: Any, record: dict, max_ne
 
 
 def exact_match(model: GPT, tokenizer: Any, prompt_style: Any, records: list[dict], max_new_tokens: int, device: Any) -> float:
-    """Share of records whose greedy completion equals the reference output (after stripping whitespace)."""
+    """Share of records whose greedy completion equals the reference output (after stripping whitespace).
+
+    Each completion is cut a few tokens past the reference's own length: a longer one can no longer match (the
+    slack covers a differently split answer and trailing whitespace), and a model that rambles before it has learned
+    to stop would otherwise cost `max_new_tokens` per record.
+    """
     from lit_model.demo_tasks import exact_match as is_match
 
-    hits = sum(is_match(complete(model, tokenizer, prompt_style, r, max_new_tokens, device), r["output"]) for r in records)
+    hits = 0
+    for r in records:
+        budget = min(max_new_tokens, len(tokenizer.encode(r["output"], bos=False)) + 8)
+        hits += is_match(complete(model, tokenizer, prompt_style, r, budget, device), r["output"])
     return hits / max(len(records), 1)

@@ -73,6 +73,8 @@ class LoopState:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     last_checkpoint: Optional[Path] = None
     calibrated: bool = False  # DropBP rates re-allocated from sensitivity already
+    train_time: float = 0.0  # seconds spent in training steps (and DropBP calibration), without evaluation or saving
+    calibration_time: float = 0.0  # of which in DropBP's sensitivity measurement
 
 
 class NonFiniteLossError(RuntimeError):
@@ -180,7 +182,9 @@ def run(job: FinetuneJob) -> dict[str, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
     batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
                             fabric.world_size, step_samples=job.train.global_batch_size)
-    dropbp = make_dropbp(unwrap(model), job.dropbp, job.seed)
+    micro_per_step = job.train.global_batch_size // (job.train.micro_batch_size * fabric.world_size)
+    dropbp = make_dropbp(unwrap(model), job.dropbp, job.seed,
+                         warmup_draws=round(job.dropbp.warmup * loop.max_steps) * micro_per_step)
     # Under FSDP the unwrapped module holds shards: generation must go through the wrapper, which gathers them.
     inference_model = model if is_fsdp(fabric) else model.module
     if is_fsdp(fabric):
@@ -200,7 +204,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
         restore(state, optimizer, scheduler, batches, loop, dropbp, fabric, model)
         metrics.update(state.get("metrics", {}))
         fabric.print(f"Resumed from {resume_from} at step {loop.step} of {loop.max_steps}")
-    elif em_records:
+    elif em_records and job.eval.exact_match_before:
         metrics["exact_match_before"] = evaluate_em()
         fabric.print(f"Held-out exact match before fine-tuning: {metrics['exact_match_before']:.3f}")
 
@@ -214,9 +218,16 @@ def run(job: FinetuneJob) -> dict[str, float]:
     session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
                       sample_record, dropbp, inference_model, fill_unused=ddp and dropbp is not None,
                       manual_sync=fabric.world_size > 1 and job.optimizer != "adamw")
+    loop_time_before = loop.train_time  # a resumed run's earlier training time is in its checkpoint
+    if resume_from is None and job.eval.initial_validation:  # the baseline of the final validation loss
+        metrics["val_loss_before"] = session.validate()
+        loop.val_history.append((0, metrics["val_loss_before"]))
+        fabric.print(f"Validation loss before fine-tuning: {metrics['val_loss_before']:.4f}")
     t0 = time.perf_counter()
     fit(session, loop, save)
-    metrics["train_time_s"] = time.perf_counter() - t0
+    # Training alone (steps and calibration) and everything the loop did besides (validation, samples, saving).
+    metrics["train_time_s"], metrics["calibration_time_s"] = loop.train_time, loop.calibration_time
+    metrics["loop_other_time_s"] = time.perf_counter() - t0 - (loop.train_time - loop_time_before)
     if dropbp is not None:
         check_same_on_all_ranks(fabric, dropbp_fingerprint(dropbp), "DropBP masks (generator, draw counts, rates)")
         if fabric.world_size > 1:
@@ -295,6 +306,7 @@ class Session:
             check_same_on_all_ranks(self.fabric, dropbp_fingerprint(self.dropbp), "DropBP masks")
         return {
             "step": loop.step, "tokens": loop.tokens, "max_steps": loop.max_steps, "calibrated": loop.calibrated,
+            "train_time": loop.train_time, "calibration_time": loop.calibration_time,
             "train_history": loop.train_history, "val_history": loop.val_history,
             "optimizer": optimizer_state(self.fabric, self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(), **snapshot,
@@ -334,13 +346,14 @@ class Session:
         raw.train()
         if fabric.world_size == 1:
             handler.sensitivity_based_drop_bp([backprop_for(b) for b in samples], target=args.rate,
-                                              min_rate=args.min_rate, allocator=args.allocator, seq_len=seq_len)
+                                              min_rate=args.min_rate, allocator=args.allocator, seq_len=seq_len,
+                                              method=args.sensitivity)
         else:
             allocate([1.0] * handler.n_branches, handler.flops, args.rate, args.min_rate, args.allocator)  # fail fast
             mine = samples[fabric.global_rank :: fabric.world_size]
             total = torch.zeros(handler.n_branches, dtype=torch.float64)
             if mine:  # compute_sensitivity averages over its samples: undo that to sum over all ranks
-                total += torch.tensor(handler.compute_sensitivity([backprop_for(b) for b in mine])) * len(mine)
+                total += torch.tensor(handler.measure([backprop_for(b) for b in mine], args.sensitivity)[0]) * len(mine)
             total = fabric.all_reduce(total.to(fabric.device), reduce_op="sum").cpu() / len(samples)
             handler.set_seq_len(seq_len)
             rates = fabric.broadcast(allocate(total.tolist(), handler.flops, args.rate, args.min_rate, args.allocator))
@@ -370,14 +383,16 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
     model.train()
     bar = tqdm(total=loop.max_steps, initial=loop.step, desc="Fine-tuning", disable=not fabric.is_global_zero,
                dynamic_ncols=True)
-    t_start, tokens_start = time.perf_counter(), loop.tokens
+    time_start, tokens_start = loop.train_time, loop.tokens
     calibrate_at = int(s.job.dropbp.sensitivity_at * loop.max_steps) if s.job.dropbp.sensitivity_at > 0 else None
     # RNG and data position as of the last completed step: what an interrupted run saves next to its weights.
     snapshot = s.snapshot()
     try:
         while loop.step < loop.max_steps:
+            t_step = time.perf_counter()
             if s.dropbp is not None and calibrate_at is not None and loop.step >= calibrate_at and not loop.calibrated:
                 s.calibrate_dropbp(loop)
+                loop.calibration_time += time.perf_counter() - t_step
                 snapshot = s.snapshot()
             micro_batches = [collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
             # Normalise by the tokens of the whole optimizer step on all ranks, so that accumulation and data
@@ -401,14 +416,17 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
             s.optimizer.zero_grad(set_to_none=True)
             s.scheduler.step()
             loop.step = step
+            loop.train_time += time.perf_counter() - t_step
             snapshot = s.snapshot()
             if step % args.log_interval == 0 or step == loop.max_steps:
-                log_step(s, loop, float(step_loss), (loop.tokens - tokens_start) / (time.perf_counter() - t_start), bar)
+                tokens_per_s = (loop.tokens - tokens_start) / max(loop.train_time - time_start, 1e-9)
+                log_step(s, loop, float(step_loss), tokens_per_s, bar)
             bar.update(1)
             if step % s.job.eval.interval == 0 and step < loop.max_steps:
                 val_loss = s.validate()
                 loop.val_history.append((step, val_loss))
-                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
+                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                 "train_time_s": loop.train_time}, step=step)
                 bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 s.print_sample()
                 model.train()
@@ -468,7 +486,7 @@ def backward_step(s: Session, micro_batches: list[dict[str, torch.Tensor]], n_to
 
 def log_step(s: Session, loop: LoopState, loss: float, tokens_per_s: float, bar: Any) -> None:
     record = {"loss": loss, "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
-              "peak_memory_gb": peak_memory_bytes(s.fabric.device) / 1e9}
+              "train_time_s": loop.train_time, "peak_memory_gb": peak_memory_bytes(s.fabric.device) / 1e9}
     s.fabric.log_dict(record, step=loop.step)
     loop.train_history.append((loop.step, loss))
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -514,13 +532,15 @@ def lr_schedule(args: TrainArgs, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def make_dropbp(model: GPT, args: DropBPArgs, seed: int) -> Any:
-    """The DropBP handler (uniform rates until calibration), or None when --dropbp.rate is 0."""
+def make_dropbp(model: GPT, args: DropBPArgs, seed: int, warmup_draws: int = 0) -> Any:
+    """The DropBP handler (uniform rates until calibration), or None when --dropbp.rate is 0.
+
+    warmup_draws: masks (micro-batches) over which the rates ramp up from 0 (--dropbp.warmup of the steps)."""
     if args.rate == 0:
         return None
     from lit_model.dropbp import DropBPHandler
 
-    return DropBPHandler(model, drop_rate=args.rate, seed=seed, sampler=args.sampler)
+    return DropBPHandler(model, drop_rate=args.rate, seed=seed, sampler=args.sampler, warmup_draws=warmup_draws)
 
 
 def adamw(params: list[torch.nn.Parameter], **hyper: Any) -> torch.optim.AdamW:
@@ -579,6 +599,8 @@ def restore(
         dropbp.load_state_dict(state["dropbp"])
     loop.calibrated = bool(state.get("calibrated", False))
     loop.step, loop.tokens = int(state["step"]), int(state["tokens"])
+    loop.train_time = float(state.get("train_time", 0.0))  # absent in checkpoints of earlier versions
+    loop.calibration_time = float(state.get("calibration_time", 0.0))
     loop.train_history = [tuple(x) for x in state["train_history"]]
     loop.val_history = [tuple(x) for x in state["val_history"]]
 
@@ -906,17 +928,19 @@ def load_records_for(job: FinetuneJob, config: Config) -> tuple[list[dict], list
     from lit_model.data import load_records, split_records
 
     train_file = job.data.train_file
-    if train_file is None:
-        if config.name == "demo":
-            from lit_model.demo_tasks import write_demo_dataset
+    demo = job.data.demo if job.data.demo is not None else (train_file is None and config.name == "demo")
+    if demo:
+        from lit_model.demo_tasks import write_demo_dataset
 
-            train_file, val_file = write_demo_dataset(Path(job.out_dir) / "data")
-            return load_records(train_file), load_records(val_file), True
+        train_file, val_file = write_demo_dataset(Path(job.out_dir) / "data")
+        return load_records(train_file), load_records(val_file), True
+    if train_file is None:
         train_file = Path("data/alpaca/train.json")
         if not train_file.is_file():
             raise FileNotFoundError(
                 "No --data.train_file given and data/alpaca/train.json does not exist. Run "
-                "`python scripts/prepare_alpaca.py` (or pass --data.train_file your.json[l])."
+                "`python scripts/prepare_alpaca.py`, pass --data.train_file your.json[l], or train on the bundled "
+                "digit tasks with --data.demo true."
             )
         val_default = train_file.with_name("val.json")
         if job.data.val_file is None and val_default.is_file():
