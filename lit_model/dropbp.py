@@ -27,9 +27,13 @@ import torch.nn as nn
 from lit_model.config import Config
 from lit_model.model import Block
 
-Sampler = Literal["independent", "topup"]
+Sampler = Literal["independent", "topup", "stratified", "prefix"]
 Allocator = Literal["greedy", "flops"]
-SAMPLERS = ("independent", "topup")
+SAMPLERS = ("independent", "topup", "stratified", "prefix")
+SENSITIVITY_METHODS = ("exact", "estimate")
+# Samplers whose per-branch rates come from the rates list (and so from sensitivity allocation); `prefix` derives
+# its rates from where its cut falls.
+RATE_SAMPLERS = ("independent", "topup", "stratified")
 ALLOCATORS = ("greedy", "flops")
 
 MAX_RATE = 0.9  # the reference caps every branch's rate here: each branch keeps at least 10% of its backward passes
@@ -231,6 +235,66 @@ def top_up(dropped: Sequence[bool], rates: Sequence[float], target: float) -> li
     return out
 
 
+def sample_stratified(rates: Sequence[float], phases: Sequence[float], step: int) -> list[bool]:
+    """Low-variance masks: branch l is kept at draw `step` iff floor((step + 1) k + phase) > floor(step k + phase),
+    with k = 1 - rates[l] its keep rate and `phase` its own fixed offset in [0, 1).
+
+    Every branch is then kept exactly k of the time over any window (to within one draw), instead of by chance: no
+    run of unlucky draws leaves a branch without updates. The phases (random, fixed per branch) spread the kept
+    branches of one draw over the model.
+    """
+    out = []
+    for rate, phase in zip(rates, phases):
+        keep = 1.0 - rate
+        out.append(math.floor((step + 1) * keep + phase) <= math.floor(step * keep + phase))
+    return out
+
+
+FULL_EVERY = round(1 / (1 - MAX_RATE))  # the prefix sampler's draws with nothing dropped: one in ten
+
+
+def prefix_bounds(flops: Sequence[float], target: float) -> tuple[list[float], float, float]:
+    """The cut of the prefix sampler: branch midpoints along the cumulative FLOPs (from the first branch up), and the
+    interval [lo, hi] of the uniform cut of the draws that drop (all but one in FULL_EVERY), whose mean makes the
+    overall FLOPs-weighted rate `target`."""
+    total = float(sum(flops))
+    mids, below = [], 0.0
+    for f in flops:
+        mids.append(below + f / 2)
+        below += f
+    share = min(1.0, target / MAX_RATE)  # the mean cut of a dropping draw, as a share of the total
+    if share <= 0.5:
+        return mids, 0.0, 2 * share * total
+    return mids, (2 * share - 1) * total, total
+
+
+def prefix_rates(flops: Sequence[float], target: float) -> list[float]:
+    """Each branch's drop rate under the prefix sampler: MAX_RATE times the chance that the cut of a dropping draw
+    lies above its midpoint. Their FLOPs-weighted mean is the target (up to the half branch a cut may split)."""
+    mids, lo, hi = prefix_bounds(flops, target)
+    if hi <= lo:
+        return [0.0] * len(flops)
+    return [MAX_RATE * min(1.0, max(0.0, (hi - m) / (hi - lo))) for m in mids]
+
+
+def sample_prefix(flops: Sequence[float], target: float, step: int, generator: torch.Generator) -> list[bool]:
+    """Drop a prefix of the network: every branch below a random cut (uniform in FLOPs from the first branch up).
+
+    The kept branches are then all those above the cut, and their gradients are exact: no dropped branch sits
+    between them and the loss, so no gradient has to cross a branch through the identity alone (the bias of
+    independent masks, which grows with every dropped branch above a kept one). The price: the first blocks drop
+    most and train least. Every FULL_EVERY-th draw drops nothing, so even the first branch keeps 10% of its
+    backwards (the cap every sampler keeps, MAX_RATE) and those steps are exact, full fine-tuning steps.
+    One float is drawn from `generator` per call, full draws included, so the sequence is a function of the seed.
+    """
+    mids, lo, hi = prefix_bounds(flops, target)
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    if step % FULL_EVERY == FULL_EVERY - 1 or target <= 0:
+        return [False] * len(mids)
+    cut = lo + u * (hi - lo)
+    return [m < cut for m in mids]
+
+
 # ---- the handler ---------------------------------------------------------------------------------------------------
 
 
@@ -243,9 +307,12 @@ class DropBPHandler:
 
     drop_rate: the target mean rate; every branch starts at it (`set_initial_drop_rate`).
     seed: seeds the handler's own CPU `torch.Generator`; the same seed draws the same masks on every rank and device.
-    sampler: "independent" (Bernoulli per branch, the default) or "topup" (the official later scheme, `top_up`).
+    sampler: "independent" (Bernoulli per branch, the paper's), "topup" (the official later scheme, `top_up`),
+        "stratified" (each branch kept exactly its share of draws, `sample_stratified`) or "prefix" (everything
+        below a random cut, `sample_prefix`: exact gradients for what is kept).
     seq_len: sequence length for the FLOPs (default block_size); sensitivity allocation resets it to the calibration
         sample's length unless told otherwise.
+    warmup_draws: the rates ramp linearly from 0 to their values over this many draws (0: from the first draw).
     """
 
     def __init__(
@@ -255,6 +322,7 @@ class DropBPHandler:
         seed: int = 0,
         sampler: Sampler = "independent",
         seq_len: Optional[int] = None,
+        warmup_draws: int = 0,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown DropBP sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -271,6 +339,10 @@ class DropBPHandler:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.seq_len = self.config.block_size if seq_len is None else seq_len
         self.flops = branch_flops(self.config, self.seq_len)
+        if warmup_draws < 0:
+            raise ValueError(f"warmup_draws must be >= 0, got {warmup_draws}")
+        self.warmup_draws = int(warmup_draws)
+        self.phases = _phases(seed, self.n_branches)
         self.sensitivities: Optional[list[float]] = None
         self.target = 0.0
         self.drop_rates: list[float] = []
@@ -290,10 +362,15 @@ class DropBPHandler:
                 "(freeze them instead)"
             )
         self.target = p
-        self.drop_rates = [p] * self.n_branches
+        self.drop_rates = prefix_rates(self.flops, p) if self.sampler == "prefix" else [p] * self.n_branches
 
     def set_drop_rates(self, rates: Sequence[float], target: Optional[float] = None) -> None:
         """Set one rate per branch ([attn_0, mlp_0, ...]); the target defaults to their FLOPs-weighted mean."""
+        if self.sampler not in RATE_SAMPLERS:
+            raise ValueError(
+                f"The {self.sampler} sampler derives every branch's rate from where its cut falls: per-branch rates "
+                f"(and sensitivity allocation) need one of the samplers {RATE_SAMPLERS}"
+            )
         rates = [float(r) for r in rates]
         if len(rates) != self.n_branches:
             raise ValueError(f"Got {len(rates)} drop rates for {self.n_branches} branches (2 per block, attn then mlp)")
@@ -308,6 +385,8 @@ class DropBPHandler:
         """Recompute the branch FLOPs for sequences of `seq_len` tokens (attention grows with the length)."""
         self.flops = branch_flops(self.config, seq_len)
         self.seq_len = seq_len
+        if self.sampler == "prefix":
+            self.drop_rates = prefix_rates(self.flops, self.target)
 
     @property
     def mean_drop_rate(self) -> float:
@@ -322,14 +401,25 @@ class DropBPHandler:
         The draw comes from the handler's generator only (one float per branch, whatever the rates), so the sequence
         of masks is a function of the seed and the number of draws: identical on every rank, and after a resume.
         """
-        dropped = sample_independent(self.drop_rates, self.generator)
-        if self.sampler == "topup":
-            dropped = top_up(dropped, self.drop_rates, self.target)
+        ramp = self.ramp()
+        rates = [r * ramp for r in self.drop_rates]
+        if self.sampler == "prefix":
+            dropped = sample_prefix(self.flops, self.target * ramp, self.steps, self.generator)
+        elif self.sampler == "stratified":
+            dropped = sample_stratified(rates, self.phases, self.steps)
+        else:
+            dropped = sample_independent(rates, self.generator)
+            if self.sampler == "topup":
+                dropped = top_up(dropped, rates, self.target * ramp)
         self.steps += 1
         for i, d in enumerate(dropped):
             self.drop_counts[i] += d
         self.mask = [(dropped[2 * i], dropped[2 * i + 1]) for i in range(self.n_layer)]
         return self.mask
+
+    def ramp(self) -> float:
+        """The share of the rates in force at the next draw: 0 -> 1 linearly over `warmup_draws` draws."""
+        return 1.0 if self.steps >= self.warmup_draws else self.steps / self.warmup_draws
 
     def detect_non_grad(self) -> bool:
         """Whether the current mask drops every branch (no block records a graph this micro-batch)."""
@@ -363,6 +453,83 @@ class DropBPHandler:
         all those states are restored on return. The optimizer and the handler's own generator are not touched.
         """
         return self._measure(backprop, gradnorm)[0]
+
+    def measure(
+        self, backprop: Union[Backprop, Sequence[Backprop]], method: str = "exact", gradnorm: bool = True
+    ) -> tuple[list[float], list[int]]:
+        """Sensitivities by `method` ("exact" or "estimate", see those methods) and the calibration samples'
+        sequence lengths (seen by the first block)."""
+        if method == "exact":
+            return self._measure(backprop, gradnorm)
+        if method != "estimate":
+            raise ValueError(f"Unknown sensitivity method {method!r}; choose one of {SENSITIVITY_METHODS}")
+        lengths: list[int] = []
+        hook = self._first_block.register_forward_pre_hook(lambda _m, args: lengths.append(int(args[0].shape[1])))
+        try:
+            return self.estimate_sensitivity(backprop), lengths
+        finally:
+            hook.remove()
+
+    def estimate_sensitivity(self, backprop: Union[Backprop, Sequence[Backprop]]) -> list[float]:
+        """A one-pass estimate of `compute_sensitivity` (gradnorm form): one forward and backward per sample, with
+        every branch kept, instead of 2 * n_layer + 1.
+
+        Dropping branch l changes the gradients in two ways: its own parameters lose theirs (sum of their squared
+        gradient norms, read off exactly), and the gradient entering the residual stream below it loses delta_l, the
+        part that came back through the branch (captured exactly by a hook on the branch's input). How much
+        delta_l then changes the gradients of the trainable parameters further down is taken to be proportional to
+        what the whole gradient at that point produced: G_l * ||delta_l||^2 / ||dL/dx_l||^2, with G_l the squared
+        gradient norm of every trainable parameter below branch l. The one approximation is this proportionality
+        (a first-order, isotropic stand-in for the 2 * n_layer extra backward passes); tests compare the ranking
+        with the exact measurement. RNG states are restored as in `compute_sensitivity`.
+        """
+        closures = [backprop] if callable(backprop) else list(backprop)
+        if not closures or not all(callable(c) for c in closures):
+            raise TypeError("backprop must be a callable backprop(drop_mask) -> loss, or a non-empty list of them")
+        if not self.model.training:
+            raise ValueError("The model is in eval mode, which ignores drop masks: call model.train() first")
+        blocks = [m for m in self.model.modules() if isinstance(m, Block)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no trainable parameters: there is no gradient to measure sensitivity on")
+        # Which branch owns each trainable parameter (None: embedding, head, final norm).
+        owner: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for name, p in block.named_parameters():
+                if p.requires_grad:
+                    part = name.split(".", 1)[0]
+                    owner[id(p)] = 2 * i + (0 if part in ("norm_1", "attn") else 1)
+        totals = torch.zeros(self.n_branches, dtype=torch.float64)
+        with _rng_preserved(params) as restart:
+            for closure in closures:
+                restart(restart(None))
+                delta = [0.0] * self.n_branches  # ||gradient back through the branch into its input||^2
+                total = [0.0] * self.n_branches  # ||dL/dx||^2 at the branch's input (identity path included)
+                handles = []
+                for i, block in enumerate(blocks):
+                    for j, norm in enumerate((block.norm_1, block.norm_2)):
+                        handles.append(norm.register_forward_pre_hook(_alias_hook(2 * i + j, delta, total)))
+                try:
+                    with torch.enable_grad():
+                        loss = closure(self.keep_all_mask())
+                        grads = torch.autograd.grad(loss, params, allow_unused=True)
+                finally:
+                    for h in handles:
+                        h.remove()
+                own = [0.0] * self.n_branches
+                other = 0.0  # parameters outside the blocks below everything (the embedding) count as upstream
+                for p, g in zip(params, grads):
+                    sq = 0.0 if g is None else float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+                    if id(p) in owner:
+                        own[owner[id(p)]] += sq
+                    elif _is_embedding(self.model, p):  # (tied: the head's share of its gradient counts too)
+                        other += sq
+                below = other
+                for b in range(self.n_branches):
+                    gain = below / total[b] if total[b] > 0 else 0.0
+                    totals[b] += own[b] + gain * delta[b]
+                    below += own[b]
+        return (totals / len(closures)).tolist()
 
     def _measure(
         self, backprop: Union[Backprop, Sequence[Backprop]], gradnorm: bool
@@ -434,6 +601,7 @@ class DropBPHandler:
         gradnorm: bool = True,
         allocator: Allocator = "greedy",
         seq_len: Optional[int] = None,
+        method: str = "exact",
     ) -> tuple[list[float], list[float]]:
         """Measure sensitivities (`compute_sensitivity`), allocate rates with FLOPs-weighted mean `target`, set them.
 
@@ -441,15 +609,22 @@ class DropBPHandler:
         allocator: "greedy" (the reference: 0.1 grid, cap 0.9, may overshoot by one step) or "flops" (exact
             minimiser of sum S_l * b_l**2 at exactly the target).
         seq_len: sequence length for the FLOPs; default the mean length of the calibration samples.
+        method: "exact" (`compute_sensitivity`: 2 * n_layer + 1 passes per sample) or "estimate"
+            (`estimate_sensitivity`: one pass per sample).
         Returns (sensitivities, drop_rates), both in branch order [attn_0, mlp_0, attn_1, ...].
         Under data parallelism every rank must calibrate on the same sample (or take rank 0's result), or the rates,
         and with them the masks, differ between ranks; run the forward on the unwrapped module (DDP's reducer expects
         `.backward()`, not `torch.autograd.grad`).
         """
+        if self.sampler not in RATE_SAMPLERS:
+            raise ValueError(
+                f"Sensitivity allocation sets per-branch rates, which the {self.sampler} sampler does not use (its "
+                f"rates follow from its cut): pick one of {RATE_SAMPLERS} or turn the allocation off"
+            )
         target = self.target if target is None else float(target)
         # Fail before the 2 * n_layer + 1 passes: a dry run with uniform sensitivities checks target and min_rate.
         allocate([1.0] * self.n_branches, self.flops, target, min_rate, allocator)
-        sensitivities, lengths = self._measure(backprop, gradnorm)
+        sensitivities, lengths = self.measure(backprop, method, gradnorm)
         if seq_len is None and lengths:
             seq_len = round(sum(lengths) / len(lengths))
         if seq_len is not None:
@@ -495,6 +670,7 @@ class DropBPHandler:
             "flops": list(self.flops),
             "seq_len": self.seq_len,
             "steps": self.steps,
+            "warmup_draws": self.warmup_draws,
             "drop_counts": list(self.drop_counts),
             "generator": self.generator.get_state(),
             "mask": None if self.mask is None else [list(row) for row in self.mask],
@@ -510,6 +686,7 @@ class DropBPHandler:
         if state["sampler"] not in SAMPLERS:
             raise ValueError(f"Unknown DropBP sampler {state['sampler']!r} in the state; expected one of {SAMPLERS}")
         self.seed = int(state["seed"])
+        self.phases = _phases(self.seed, self.n_branches)
         self.sampler = state["sampler"]
         self.target = float(state["target"])
         self.drop_rates = [float(r) for r in state["drop_rates"]]
@@ -518,10 +695,46 @@ class DropBPHandler:
         self.flops = [float(f) for f in state["flops"]]
         self.seq_len = int(state["seq_len"])
         self.steps = int(state["steps"])
+        self.warmup_draws = int(state.get("warmup_draws", 0))  # absent in checkpoints of earlier versions
         self.drop_counts = [int(c) for c in state["drop_counts"]]
         self.generator.set_state(state["generator"])
         mask = state["mask"]
         self.mask = None if mask is None else [(bool(a), bool(m)) for a, m in mask]
+
+
+def _alias_hook(branch: int, delta: list[float], total: list[float]) -> Callable[..., Any]:
+    """A forward pre-hook for a branch's input norm: the norm reads an alias of the residual stream, so a hook on the
+    alias sees exactly the gradient that comes back through the branch, and a hook on the stream its whole gradient."""
+
+    def hook(module: nn.Module, args: tuple) -> Optional[tuple]:
+        x = args[0]
+        if not x.requires_grad:
+            return None
+        alias = x.view_as(x)
+
+        def on_delta(g: torch.Tensor) -> None:
+            delta[branch] += float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+
+        def on_total(g: torch.Tensor) -> None:
+            total[branch] += float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+
+        alias.register_hook(on_delta)
+        x.register_hook(on_total)
+        return (alias, *args[1:])
+
+    return hook
+
+
+def _is_embedding(model: nn.Module, p: nn.Parameter) -> bool:
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    return wte is not None and p is wte.weight
+
+
+def _phases(seed: int, n: int) -> list[float]:
+    """The stratified sampler's fixed per-branch phases in [0, 1): a function of the seed alone, so a resumed run has
+    them without saving them, and the handler's generator (the other samplers' draws) is left alone."""
+    generator = torch.Generator(device="cpu").manual_seed(seed + 0x5EED)
+    return torch.rand(n, generator=generator, dtype=torch.float64).tolist()
 
 
 def _sensitivity(base: list[Optional[torch.Tensor]], dropped: list[Optional[torch.Tensor]], gradnorm: bool) -> float:

@@ -634,3 +634,156 @@ def test_all_dropped_micro_batch_still_trains_the_head() -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("transformer.h."))
     assert loss_fn(model, sample(), mask).grad_fn is None
+
+
+# ---- the samplers beyond the paper's: stratified, prefix; rate warm-up ----------------------------------------------
+
+
+def test_stratified_sampler_keeps_every_branch_exactly_its_share() -> None:
+    model = tiny(LLAMA, n_layer=4)
+    handler = DropBPHandler(model, 0.5, seed=3, sampler="stratified")
+    handler.set_drop_rates([0.5, 0.25, 0.75, 0.5, 0.1, 0.9, 0.5, 0.3], target=0.5)
+    masks = [[d for row in handler.set_dropped_layers() for d in row] for _ in range(40)]
+    for window in (masks[:20], masks[20:]):  # any window, not just on average
+        for branch, rate in enumerate(handler.drop_rates):
+            assert abs(sum(m[branch] for m in window) - rate * len(window)) <= 1, (branch, rate)
+    assert len({str(m) for m in masks}) > 4  # the phases spread the kept branches over the draws
+    # Independent draws at the same rates stray further over a short window (the variance stratification removes).
+    independent = DropBPHandler(model, 0.5, seed=3)
+    independent.set_drop_rates(handler.drop_rates, target=0.5)
+    draws = [[d for row in independent.set_dropped_layers() for d in row] for _ in range(20)]
+    assert max(abs(sum(m[b] for m in draws) - r * 20) for b, r in enumerate(independent.drop_rates)) > 1
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_prefix_sampler_drops_a_prefix_at_the_target_rate(target: float) -> None:
+    from lit_model.dropbp import FULL_EVERY, prefix_rates
+
+    model = tiny(LLAMA, n_layer=6)
+    handler = DropBPHandler(model, target, seed=5, sampler="prefix", seq_len=16)
+    flops = handler.flops
+    assert flops_weighted_mean(prefix_rates(flops, target), flops) == pytest.approx(target, abs=0.02)
+    assert handler.drop_rates == prefix_rates(flops, target) and max(handler.drop_rates) <= MAX_RATE + 1e-12
+    n, dropped_flops, counts = 3000, 0.0, [0] * handler.n_branches
+    for i in range(n):
+        mask = [d for row in handler.set_dropped_layers() for d in row]
+        first_kept = mask.index(False) if False in mask else len(mask)
+        assert not any(mask[first_kept:]), mask  # everything above the first kept branch is kept: a prefix
+        if i % FULL_EVERY == FULL_EVERY - 1:
+            assert not any(mask)  # every tenth draw is a full backward
+        dropped_flops += sum(f for f, d in zip(flops, mask) if d)
+        counts = [c + d for c, d in zip(counts, mask)]
+    assert dropped_flops / (n * sum(flops)) == pytest.approx(target, abs=0.02)
+    for count, rate in zip(counts, handler.drop_rates):
+        assert count / n == pytest.approx(rate, abs=0.03)
+    with pytest.raises(ValueError, match="derives every branch's rate from where its cut falls"):
+        handler.set_drop_rates([0.5] * handler.n_branches)
+    with pytest.raises(ValueError, match="the prefix sampler does not use"):
+        handler.sensitivity_based_drop_bp(lambda mask: torch.zeros(()), target=target)
+
+
+@pytest.mark.parametrize("sampler", ["independent", "stratified", "prefix"])
+def test_warmup_ramps_the_rates_from_zero(sampler: str) -> None:
+    model = tiny(LLAMA, n_layer=4)
+    handler = DropBPHandler(model, 0.5, seed=1, sampler=sampler, warmup_draws=100)
+    assert handler.ramp() == 0.0
+    first = [handler.set_dropped_layers() for _ in range(20)]
+    assert not any(d for row in first[0] for d in row)  # the first draw drops nothing
+    for _ in range(80):
+        handler.set_dropped_layers()
+    assert handler.ramp() == 1.0
+    early = sum(d for m in first for row in m for d in row)
+    late = sum(d for _ in range(20) for row in handler.set_dropped_layers() for d in row)
+    assert early < late  # 0-20% of the rate early, all of it after the warm-up
+    # Resume: the warm-up is part of the state, and the stratified phases come back with the seed.
+    state = handler.state_dict()
+    resumed = DropBPHandler(model, 0.5, seed=99, sampler=sampler)
+    resumed.load_state_dict(state)
+    assert resumed.warmup_draws == 100 and resumed.phases == handler.phases
+    assert [resumed.set_dropped_layers() for _ in range(5)] == [handler.set_dropped_layers() for _ in range(5)]
+
+
+def test_dropbp_args_reject_prefix_with_sensitivity() -> None:
+    from lit_model.args import DropBPArgs
+
+    problems = DropBPArgs(rate=0.5, sampler="prefix", sensitivity_at=0.1, warmup=1.5).problems()
+    assert any("takes its per-branch rates from its cut" in p for p in problems)
+    assert any("--dropbp.warmup must be in [0, 1)" in p for p in problems)
+    assert DropBPArgs(rate=0.5, sampler="prefix", sensitivity_at=0.0).problems() == []
+
+
+def _detach_formulation(model: GPT, mask_holder: list) -> None:
+    """The official DropBP layer's formulation: a dropped branch runs with its graph and returns `out.detach()`
+    (mask_holder[0] says which, per step); the model itself then runs without a drop mask."""
+    for i, block in enumerate(model.transformer.h):
+        for j, name in enumerate(("attn_branch", "mlp_branch")):
+            original = getattr(block, name)
+
+            def branch(*args, _f=original, _i=i, _j=j):
+                out = _f(*args)
+                return out.detach() if mask_holder[0][_i][_j] else out
+
+            setattr(block, name, branch)
+
+
+def test_training_steps_equal_the_official_formulation_with_fused_adamw() -> None:
+    """Step for step, with LoRA dropout, fused AdamW and weight decay: the same weights as the detach formulation;
+    a dropped branch's parameters are not touched (no decay, no Adam step) and the others' step counts advance."""
+    import copy
+
+    from lit_model.lora import LoRAConfig, apply_lora
+    from lit_model.training import dropped_parameters
+
+    ours = apply_lora(tiny(LLAMA, n_layer=3), LoRAConfig(r=2, alpha=4, dropout=0.2, query=True, value=True, mlp=True))
+    reference = copy.deepcopy(ours)
+    holder: list = [None]
+    _detach_formulation(reference, holder)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1, fused=True)
+            for m in (ours, reference)]
+    handler = DropBPHandler(ours, 0.5, seed=4)
+    for step in range(4):
+        mask = handler.set_dropped_layers()
+        holder[0] = mask
+        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+        for model, opt, m in ((ours, opts[0], mask), (reference, opts[1], None)):
+            torch.manual_seed(100 + step)  # the same LoRA dropout masks in both
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, sample(seed=step), m).backward()
+            opt.step()
+        for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+            assert torch.equal(p, q), (step, name)
+        dropped = {id(p) for p in dropped_parameters(ours, mask)}
+        for name, p in ours.named_parameters():
+            if id(p) in dropped:
+                assert torch.equal(p, before[name]), (step, name)  # not even weight decay
+        assert any(not torch.equal(p, before[n]) for n, p in ours.named_parameters() if p.requires_grad)
+    counts = {int(opts[0].state[p]["step"]) for p in ours.parameters() if p.requires_grad and p in opts[0].state}
+    assert max(counts) <= 4 and min(counts) < 4  # Adam steps only when a parameter had a gradient
+
+
+def test_one_pass_sensitivity_estimate_ranks_like_the_exact_measurement() -> None:
+    """The one-pass estimate (one backward instead of 2 * n_layer + 1) against the exact measurement on a trained-ish
+    tiny model: its own-parameter part is exact, and the ranking of the branches agrees."""
+    from lit_model.lora import LoRAConfig, apply_lora
+
+    model = apply_lora(tiny(LLAMA, n_layer=4), LoRAConfig(r=2, alpha=4, query=True, value=True, mlp=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # non-zero adapters, so every LoRA matrix has a gradient
+    handler = DropBPHandler(model, 0.5, seed=0)
+    batches = [sample(seed=s) for s in range(3)]
+    closures = [lambda mask, b=b: loss_fn(model, b, mask) for b in batches]
+    exact = handler.compute_sensitivity(closures)
+    estimate = handler.estimate_sensitivity(closures)
+    assert len(estimate) == handler.n_branches and all(e >= 0 for e in estimate)
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        return [order.index(i) for i in range(len(values))]
+
+    re, rx = ranks(estimate), ranks(exact)
+    n = len(re)
+    spearman = 1 - 6 * sum((a - b) ** 2 for a, b in zip(re, rx)) / (n * (n * n - 1))
+    assert spearman > 0.6, (spearman, exact, estimate)
+    assert [p.grad for p in model.parameters()] == [None] * len(list(model.parameters()))  # .grad untouched
