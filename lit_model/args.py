@@ -31,6 +31,8 @@ class TrainArgs:
         log_interval: steps between progress-bar/metric updates.
         save_interval: steps between training checkpoints (step-NNNNNN/, resumable; None: only the final one).
         keep_last: keep only the newest N training checkpoints (None: keep all).
+        allow_new_schedule: on resume, accept a changed schedule (max_steps or epochs, learning rate, warm-up, decay,
+            betas, clipping) and put it in force, instead of refusing the checkpoint as another run's.
     """
 
     global_batch_size: int = 16
@@ -50,6 +52,7 @@ class TrainArgs:
     log_interval: int = 1
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None
+    allow_new_schedule: bool = False
 
     def problems(self, devices: int = 1) -> list[str]:
         """Everything wrong with these settings, as messages (empty when valid); `devices` over all nodes."""

@@ -21,6 +21,7 @@ This module imports nothing beyond the standard library: generating the data set
 from __future__ import annotations
 
 import json
+import os
 import random
 import zlib
 from pathlib import Path
@@ -271,6 +272,16 @@ def write_demo_dataset(
     paths = []
     for split, n in (("train", n_train), ("val", n_val)):
         path = data_dir / f"{split}.json"
-        path.write_text(json.dumps(make_demo_records(n, seed, split), indent=1))
+        _write_if_changed(path, json.dumps(make_demo_records(n, seed, split), indent=1))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` atomically (a temporary file renamed into place), unless the file holds it already: several
+    processes of one run may write the same data set while others read it, and none may see a partial file."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

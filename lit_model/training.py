@@ -24,6 +24,8 @@ from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.checkpoint_io import LORA_WEIGHTS_NAME
 from lit_model.config import Config
 from lit_model.data import IGNORE_INDEX, BatchIterator
+from lit_model.fingerprint import fingerprint_problems, run_fingerprint
+from lit_model.interrupts import deferred_interrupt
 from lit_model.lora import count_parameters
 from lit_model.model import GPT
 from lit_model.prompts import resolve_prompt_style
@@ -149,7 +151,8 @@ def run(job: FinetuneJob) -> dict[str, float]:
     prompt_style, style_source = resolve_prompt_style(job.data.prompt_style, job.checkpoint_dir,
                                                       config.hf_repo or config.name)
     fabric.print(f"Prompts: {style_source}")
-    train_records, val_records, is_demo = load_records_for(job, config)
+    with fabric.rank_zero_first():  # the demo data set is written by rank 0 before the others read it
+        train_records, val_records, is_demo = load_records_for(job, config)
     max_seq_length = min(job.train.max_seq_length or config.block_size, config.block_size)
 
     with fabric.rank_zero_first():
@@ -198,11 +201,20 @@ def run(job: FinetuneJob) -> dict[str, float]:
     def evaluate_em() -> float:
         return exact_match(inference_model, tokenizer, prompt_style, em_records, job.eval.max_new_tokens, fabric.device)
 
+    fingerprint = run_fingerprint(
+        base_weights=Path(job.checkpoint_dir) / "lit_model.pth", model_config=config, mode=job.mode, lora=job.lora,
+        quantize=job.quantize, optimizer=job.optimizer, badam=job.badam, train=job.train, seed=job.seed,
+        records=train_records, prompt_style=prompt_style, max_seq_length=max_seq_length,
+        mask_prompt=job.data.mask_prompt, dropbp=job.dropbp, max_steps=loop.max_steps)
     metrics: dict[str, float] = {}
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from)
+        check_resume(state, fingerprint, loop.max_steps, job.train.allow_new_schedule, resume_from)
         restore(state, optimizer, scheduler, batches, loop, dropbp, fabric, model)
+        if job.train.allow_new_schedule:  # the saved optimizer and scheduler carry the old constants
+            apply_schedule(job.train, optimizer, scheduler)
         metrics.update(state.get("metrics", {}))
+        fabric.logger.begin(loop.step)  # continue metrics.csv after the checkpoint's step
         fabric.print(f"Resumed from {resume_from} at step {loop.step} of {loop.max_steps}")
     elif em_records and job.eval.exact_match_before:
         metrics["exact_match_before"] = evaluate_em()
@@ -217,7 +229,7 @@ def run(job: FinetuneJob) -> dict[str, float]:
     ddp = isinstance(model._forward_module, DistributedDataParallel)  # also with one process (--strategy ddp)
     session = Session(fabric, model, optimizer, scheduler, batches, train_data, val_data, job, tokenizer, prompt_style,
                       sample_record, dropbp, inference_model, fill_unused=ddp and dropbp is not None,
-                      manual_sync=fabric.world_size > 1 and job.optimizer != "adamw")
+                      manual_sync=fabric.world_size > 1 and job.optimizer != "adamw", fingerprint=fingerprint)
     loop_time_before = loop.train_time  # a resumed run's earlier training time is in its checkpoint
     if resume_from is None and job.eval.initial_validation:  # the baseline of the final validation loss
         metrics["val_loss_before"] = session.validate()
@@ -271,6 +283,7 @@ class Session:
     inference_model: Any = None  # what generation runs on: the unwrapped GPT, or the FSDP wrapper that gathers it
     manual_sync: bool = False  # BAdam on several ranks: no DDP wrapper, the loop all-reduces the optimizer's gradients
     fill_unused: bool = False  # DDP with DropBP: give dropped parameters zero gradients for the reducer, then None
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what determines the run (lit_model.fingerprint)
 
     def validate(self) -> float:
         """Token-weighted mean validation loss (every rank computes the same)."""
@@ -311,6 +324,7 @@ class Session:
             "optimizer": optimizer_state(self.fabric, self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(), **snapshot,
             "rng_per_rank": gather_objects(self.fabric, snapshot["rng"]), "world_size": self.fabric.world_size,
+            "fingerprint": self.fingerprint,
         }
 
     def calibrate_dropbp(self, loop: LoopState) -> None:
@@ -410,17 +424,18 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
             loop.tokens += n_inputs
             if not torch.isfinite(step_loss):  # checked before the update, so the weights stay good
                 raise NonFiniteLossError(non_finite_message(float(step_loss), step, loop.last_checkpoint))
-            if args.max_norm is not None:
-                fabric.clip_gradients(model, s.optimizer, max_norm=args.max_norm)
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            s.scheduler.step()
-            loop.step = step
-            loop.train_time += time.perf_counter() - t_step
-            snapshot = s.snapshot()
-            if step % args.log_interval == 0 or step == loop.max_steps:
-                tokens_per_s = (loop.tokens - tokens_start) / max(loop.train_time - time_start, 1e-9)
-                log_step(s, loop, float(step_loss), tokens_per_s, bar)
+            with deferred_interrupt():  # Ctrl-C waits until the step is whole: weights, state, counters, snapshot
+                if args.max_norm is not None:
+                    fabric.clip_gradients(model, s.optimizer, max_norm=args.max_norm)
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
+                s.scheduler.step()
+                loop.step = step
+                loop.train_time += time.perf_counter() - t_step
+                snapshot = s.snapshot()
+                if step % args.log_interval == 0 or step == loop.max_steps:  # the step's row belongs to it too
+                    tokens_per_s = (loop.tokens - tokens_start) / max(loop.train_time - time_start, 1e-9)
+                    log_step(s, loop, float(step_loss), tokens_per_s, bar)
             bar.update(1)
             if step % s.job.eval.interval == 0 and step < loop.max_steps:
                 val_loss = s.validate()
@@ -436,7 +451,8 @@ def fit(s: Session, loop: LoopState, save: Callable[[Path, Optional[dict[str, An
                 if fabric.is_global_zero:
                     ckpt.prune(out_dir, args.keep_last)
     except KeyboardInterrupt:
-        # The weights are those of the last completed step; the snapshot holds its RNG and data position.
+        # The weights are those of the last completed step (an update is never interrupted half-way, see
+        # deferred_interrupt); the snapshot holds that step's RNG states, data position and DropBP generator.
         bar.write(f"Interrupted: saving step {loop.step} before exiting")
         save(out_dir / ckpt.step_dir_name(loop.step), s.state(loop, snapshot))
         raise
@@ -575,6 +591,32 @@ def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> 
                           start_block=badam.start_block, switch_mode=badam.switch_mode,
                           active_modules=badam.active_modules, include_embedding=badam.include_embedding,
                           include_lm_head=badam.include_lm_head, seed=job.seed)
+
+
+def check_resume(state: dict[str, Any], fingerprint: dict[str, Any], max_steps: int, allow_new_schedule: bool,
+                 checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint into a run that is not its continuation: every difference in one message."""
+    problems = []
+    saved = state.get("fingerprint")
+    if saved:  # checkpoints of earlier versions have none: nothing to compare with
+        problems = fingerprint_problems(saved, fingerprint, allow_new_schedule)
+    if int(state["step"]) >= max_steps and not problems:
+        problems.append(f"the checkpoint is at step {int(state['step'])}, and this run ends at step {max_steps}: "
+                        "nothing is left to train (raise --train.max_steps, with --train.allow_new_schedule true)")
+    if problems:
+        raise ValueError(f"Cannot resume from {checkpoint}: it belongs to a different run.\n  - "
+                         + "\n  - ".join(problems)
+                         + "\nResume with the arguments of the run that wrote it (its hyperparameters.yaml), or "
+                         "start a new run in another --out_dir.")
+
+
+def apply_schedule(args: TrainArgs, optimizer: Any, scheduler: Any) -> None:
+    """After restoring an optimizer and a scheduler, put the (changed) schedule of `args` in force."""
+    scheduler.base_lrs = [args.learning_rate for _ in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group.update(lr=base * factor(scheduler.last_epoch), weight_decay=args.weight_decay,
+                     betas=(args.beta1, args.beta2))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def restore(
@@ -994,10 +1036,10 @@ def save_checkpoint(
 
 
 def make_loggers(out_dir: Path) -> list[Any]:
-    """CSV metrics always; TensorBoard too when it is installed."""
-    from lightning.fabric.loggers import CSVLogger
+    """OUT/logs/metrics.csv always (one file for the run, continued on resume); TensorBoard too when installed."""
+    from lit_model.metrics_log import MetricsCSV
 
-    loggers: list[Any] = [CSVLogger(out_dir, name="logs")]
+    loggers: list[Any] = [MetricsCSV(out_dir / "logs")]
     try:
         from lightning.fabric.loggers import TensorBoardLogger
 
