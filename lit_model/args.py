@@ -176,6 +176,9 @@ class DropBPArgs:
         sensitivity: exact (the paper's: drop each branch alone, 2 * n_layer + 1 passes per sample) or estimate
             (one pass per sample: the gradient each branch sends back, read with hooks).
         warmup: fraction of training over which the rates ramp linearly from 0 to their targets (0: none).
+        scale_lr: every branch's parameters step with learning rate lr / (1 - p) for its rate p (at most
+            max_lr_scale times lr), so that their expected update per step matches training without DropBP.
+        max_lr_scale: the cap of that factor.
     """
 
     rate: float = 0.0
@@ -186,6 +189,8 @@ class DropBPArgs:
     sensitivity_samples: int = 1
     sensitivity: str = "exact"
     warmup: float = 0.0
+    scale_lr: bool = False
+    max_lr_scale: float = 4.0
 
     def problems(self) -> list[str]:
         out = []
@@ -203,6 +208,8 @@ class DropBPArgs:
                        "set --dropbp.sensitivity_at 0 (or use another sampler)")
         if self.sensitivity not in ("exact", "estimate"):
             out.append(f"--dropbp.sensitivity must be exact or estimate, got {self.sensitivity!r}")
+        if self.max_lr_scale < 1.0:
+            out.append(f"--dropbp.max_lr_scale must be >= 1, got {self.max_lr_scale}")
         if not 0.0 <= self.warmup < 1.0:
             out.append(f"--dropbp.warmup must be in [0, 1), got {self.warmup}")
         if self.rate > 0 and not 0.0 <= self.min_rate <= self.rate:

@@ -634,6 +634,24 @@ class DropBPHandler:
         self.set_drop_rates(rates, target=target)
         return sensitivities, rates
 
+    # ---- matched updates -------------------------------------------------------------------------------------------
+
+    def branch_of(self) -> dict[int, int]:
+        """The branch index ([attn_0, mlp_0, ...]) owning each block parameter, by id: a branch's norm and module."""
+        blocks = [m for m in self.model.modules() if isinstance(m, Block)]
+        owner = {}
+        for i, block in enumerate(blocks):
+            for name, p in block.named_parameters():
+                owner[id(p)] = 2 * i + (0 if name.split(".", 1)[0] in ("norm_1", "attn") else 1)
+        return owner
+
+    def lr_scale(self, branch: int, max_scale: float) -> float:
+        """1 / (1 - p) for the branch's rate now in force (warm-up included), at most `max_scale`: the learning-rate
+        factor that makes its parameters' expected update per step what it is without DropBP (they step only when
+        kept, a share 1 - p of the steps; Adam's step does not grow with a rarer gradient)."""
+        rate = self.drop_rates[branch] * self.ramp()
+        return min(max_scale, 1.0 / (1.0 - rate))
+
     # ---- logging and checkpoints -----------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, float]:

@@ -178,16 +178,16 @@ def run(job: FinetuneJob) -> dict[str, float]:
                      f"{job.train.micro_batch_size} per micro-batch x {accum} accumulated x {fabric.world_size} ranks")
 
     model = fabric.setup(LossInForward(model) if is_fsdp(fabric) else model)
-    optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data)))
-    if job.optimizer != "adamw":  # BAdam froze all but the active block (or share) just now
-        active, total = count_parameters(model)
-        fabric.print(f"{job.optimizer}: {active:,} of {total:,} parameters train at a time")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job.train, loop.max_steps))
-    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
-                            fabric.world_size, step_samples=job.train.global_batch_size)
     micro_per_step = job.train.global_batch_size // (job.train.micro_batch_size * fabric.world_size)
     dropbp = make_dropbp(unwrap(model), job.dropbp, job.seed,
                          warmup_draws=round(job.dropbp.warmup * loop.max_steps) * micro_per_step)
+    optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data), dropbp))
+    if job.optimizer != "adamw":  # BAdam froze all but the active block (or share) just now
+        active, total = count_parameters(model)
+        fabric.print(f"{job.optimizer}: {active:,} of {total:,} parameters train at a time")
+    scheduler = make_scheduler(optimizer, job, loop.max_steps, dropbp)
+    batches = BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
+                            fabric.world_size, step_samples=job.train.global_batch_size)
     # Under FSDP the unwrapped module holds shards: generation must go through the wrapper, which gathers them.
     inference_model = model if is_fsdp(fabric) else model.module
     if is_fsdp(fabric):
@@ -571,12 +571,26 @@ def adamw(params: list[torch.nn.Parameter], **hyper: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **hyper)
 
 
-def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, or BAdam's block-coordinate wrappers around it (full fine-tuning)."""
+def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int, dropbp: Any = None
+                   ) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, or BAdam's block-coordinate wrappers around it (full fine-tuning).
+
+    With --dropbp.scale_lr, one parameter group per DropBP branch (its "dropbp_branch" key names it; -1 for the
+    parameters outside the blocks), so that `make_scheduler` can give each its own learning-rate factor.
+    """
     args, badam = job.train, job.badam
     hyper = dict(lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
     if job.optimizer == "adamw":
-        return adamw([p for p in model.parameters() if p.requires_grad], **hyper)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if dropbp is None or not job.dropbp.scale_lr:
+            return adamw(params, **hyper)
+        owner = dropbp.branch_of()
+        groups: dict[int, list[torch.nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault(owner.get(id(p), -1), []).append(p)
+        optimizer = adamw(params, **hyper)  # the fused-kernel decision over all parameters, then the groups
+        return type(optimizer)([{"params": ps, "dropbp_branch": b} for b, ps in sorted(groups.items())],
+                               fused=optimizer.defaults.get("fused"), **hyper)
     from lit_model.badam import BlockOptimizer, BlockOptimizerRatio, default_switch_every
 
     named = list(model.named_parameters())
@@ -591,6 +605,21 @@ def make_optimizer(model: torch.nn.Module, job: FinetuneJob, n_samples: int) -> 
                           start_block=badam.start_block, switch_mode=badam.switch_mode,
                           active_modules=badam.active_modules, include_embedding=badam.include_embedding,
                           include_lm_head=badam.include_lm_head, seed=job.seed)
+
+
+def make_scheduler(optimizer: Any, job: FinetuneJob, max_steps: int, dropbp: Any = None) -> Any:
+    """Warm-up and cosine decay for every parameter group; with --dropbp.scale_lr, each branch's group times its
+    DropBP factor (`DropBPHandler.lr_scale`, read at every step: it follows warm-up and calibration)."""
+    schedule = lr_schedule(job.train, max_steps)
+    branches = [g.get("dropbp_branch", -1) for g in optimizer.param_groups]
+    if dropbp is None or not job.dropbp.scale_lr or all(b < 0 for b in branches):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    cap = job.dropbp.max_lr_scale
+
+    def factor(branch: int) -> Callable[[int], float]:
+        return lambda step: schedule(step) * (dropbp.lr_scale(branch, cap) if branch >= 0 else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(b) for b in branches])
 
 
 def check_resume(state: dict[str, Any], fingerprint: dict[str, Any], max_steps: int, allow_new_schedule: bool,
@@ -887,6 +916,9 @@ def validate_job(job: FinetuneJob) -> None:
         problems.append(f"--optimizer must be adamw, badam or badam_ratio, got {job.optimizer!r}")
     elif job.optimizer != "adamw":
         problems += job.badam.problems()
+        if job.dropbp.rate > 0 and job.dropbp.scale_lr:
+            problems.append(f"--dropbp.scale_lr sets learning rates per branch, which --optimizer {job.optimizer} "
+                            "manages itself: use --optimizer adamw, or leave scale_lr off")
         if job.mode != "full":
             problems.append(f"--optimizer {job.optimizer} is for full fine-tuning (finetune/full.py)")
     if job.lora is not None:

@@ -69,3 +69,27 @@ def test_dropbp_argument_errors(tiny_checkpoint, tmp_path) -> None:
         run("lora", tiny_checkpoint, tmp_path / "a", DropBPArgs(rate=0.0), train=short_train(max_steps=2, save_interval=1))
         run("lora", tiny_checkpoint, tmp_path / "b", DropBPArgs(rate=0.5), train=short_train(max_steps=2),
             resume=str(tmp_path / "a" / "step-000001"))
+
+
+def test_scale_lr_gives_each_branch_lr_over_one_minus_its_rate(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    """--dropbp.scale_lr: one optimizer group per branch, whose learning rate is the schedule's times 1 / (1 - p) for
+    the branch's rate in force (prefix rates here, differing per branch), capped at max_lr_scale."""
+    import lit_model.training as training
+
+    seen = {}
+    original = training.fit
+
+    def capture(session, loop, save):
+        original(session, loop, save)
+        seen["groups"] = [(g["dropbp_branch"], g["lr"]) for g in session.optimizer.param_groups]
+        seen["rates"] = list(session.dropbp.drop_rates)
+        seen["lr"] = training.lr_schedule(session.job.train, loop.max_steps)(loop.step) * session.job.train.learning_rate
+
+    monkeypatch.setattr(training, "fit", capture)
+    run("lora", tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, sampler="prefix", sensitivity_at=0.0, scale_lr=True,
+                                                      max_lr_scale=3.0))
+    branches = [b for b, _ in seen["groups"]]
+    assert branches == sorted(branches) and branches[0] >= 0  # LoRA: every trainable tensor sits in a branch
+    for branch, lr in seen["groups"]:
+        assert lr == pytest.approx(seen["lr"] * min(3.0, 1 / (1 - seen["rates"][branch])), rel=1e-9), branch
+    assert len({round(lr, 12) for _, lr in seen["groups"]}) > 1
