@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -21,6 +22,10 @@ import torch
 import yaml
 
 from lit_model.config import Config
+from lit_model.errors import (
+    CorruptFileError, DiskFullError, disk_full_as_error, disk_full_error, is_disk_full, load_failure_cause,
+)
+from lit_model.integrity import CHECKSUMMED_NAMES, HashingWriter, add_missing_checksums, record_checksum, verify_file
 from lit_model.model import GPT
 
 WEIGHTS_NAME = "lit_model.pth"
@@ -36,16 +41,26 @@ MERGED_DIR_NAME = "merged"  # merge_lora_checkpoint's default output: LORA_DIR/m
 # ---- state dict files -----------------------------------------------------------------------------------------------
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, verify: Optional[bool] = None) -> dict[str, torch.Tensor]:
     """Read a plain state dict (name -> tensor) from a `.pth`/`.bin` or `.safetensors` file.
 
     `.pth`/`.bin` files are memory-mapped (`torch.load(mmap=True, weights_only=True)`): tensors are paged in when
     used. A dict `{"model": state_dict, ...}` (a training checkpoint) yields its "model" entry. Pickled objects
     (e.g. a whole `nn.Module`) are refused, since unpickling them could run arbitrary code.
+    When the file's directory has a checksums.json that lists it (our checkpoint directories), the file is checked
+    against it first (`lit_model.integrity`; `verify=False` or LIT_VERIFY_CHECKSUMS=0 skips that). A truncated, empty
+    or corrupt file raises CorruptFileError naming it and saying what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}")
+    verify_file(path, verify)
+    corrupt = (
+        "It is probably truncated or damaged (an interrupted download, copy or save): re-download or re-convert it; "
+        "for a training checkpoint, resume from an older step-NNNNNN directory."
+    )
+    if path.stat().st_size == 0:
+        raise CorruptFileError(f"{path} is empty (0 bytes), so it holds no weights. {corrupt}")
     refusal = (
         f"{path} is not a plain state dict. Only plain state dicts (a dict of name -> tensor, as written by "
         "`torch.save(model.state_dict(), path)`) and .safetensors files are accepted"
@@ -57,7 +72,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except SafetensorError as err:
-            raise ValueError(f"{path} is not a valid .safetensors file ({err})") from err
+            raise CorruptFileError(f"{path} is not a valid .safetensors file ({err}). {corrupt}") from err
     try:
         try:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -67,8 +82,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # Files in torch's pre-1.6 (non-zip) format cannot be memory-mapped: read them whole.
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{refusal}; loading it with weights_only=True failed: {first_line}") from err
+        raise ValueError(f"{refusal}; loading it with weights_only=True failed: {load_failure_cause(err)}.") from err
+    except PermissionError:
+        raise
+    except (EOFError, OSError, RuntimeError) as err:
+        raise CorruptFileError(f"{path} cannot be read as a checkpoint: {load_failure_cause(err)}. {corrupt}") from err
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
@@ -84,23 +102,32 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) ->
 
     Readers see the old file or the complete new one, never a partial write. A `.safetensors` path writes
     safetensors (tensors that share memory, such as tied embeddings, are stored once each); anything else `torch.save`.
+    A weight file of a checkpoint directory (`lit_model.integrity.CHECKSUMMED_NAMES`) gets its checksum recorded in
+    the directory's checksums.json, hashed as it is written. A full disk raises DiskFullError (the old file stays).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
+    checksummed = path.name in CHECKSUMMED_NAMES
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's permissions
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
+        with disk_full_as_error(path, intact=f"the previous {path.name}, if any, is intact"):
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's permissions
+            with os.fdopen(fd, "wb") as f:
+                writer = HashingWriter(f) if checksummed else f
+                if path.suffix == ".safetensors":
+                    from safetensors.torch import save
 
-                f.write(save(_unshared(state_dict), metadata={"format": "pt"}))
-            else:
-                torch.save(dict(state_dict), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+                    writer.write(save(_unshared(state_dict), metadata={"format": "pt"}))
+                else:
+                    torch.save(dict(state_dict), writer)
+                f.flush()
+                os.fsync(f.fileno())
+            if checksummed:  # a crash between the two steps leaves no entry (unchecked), never a wrong one
+                record_checksum(path, None)
+            os.replace(tmp, path)
+            if checksummed:
+                record_checksum(path, writer.entry())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -123,6 +150,19 @@ def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         out[name] = tensor.clone() if ptr in seen and tensor.numel() else tensor
         seen.add(ptr)
     return out
+
+
+def fsync_tree(directory: Path) -> None:
+    """Persist every file and directory under `directory` (before it is renamed into place): after a power cut the
+    renamed directory must not hold empty or partial files, which a rename alone does not guarantee."""
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 def fsync_dir(directory: Path) -> None:
@@ -221,6 +261,7 @@ def load_checkpoint(
     strict: bool = True,
     missing_ok: Optional[Callable[[str], bool]] = None,
     dtype: Optional[torch.dtype] = None,
+    verify: Optional[bool] = None,
 ) -> list[str]:
     """Load a state dict file into `model` (which may live on the meta device) with `assign=True`.
 
@@ -230,9 +271,9 @@ def load_checkpoint(
     the model plus one tensor being cast. With tied embeddings the LM head is re-tied to the embedding, whether or not
     the file holds an `lm_head.weight` entry. Shape mismatches always raise; missing and unexpected keys raise when
     `strict`, except missing keys for which `missing_ok(key)` is True (parameters the caller initialises itself, e.g.
-    LoRA's). Returns the missing keys that `missing_ok` allowed.
+    LoRA's). Returns the missing keys that `missing_ok` allowed. `verify`: see `load_state_dict` (checksums).
     """
-    state = load_state_dict(path)
+    state = load_state_dict(path, verify)
     expected = model.state_dict(keep_vars=True)
     tied = _is_tied(model)
     if tied:
@@ -553,24 +594,82 @@ def merge_lora_checkpoint(
     return out
 
 
-def write_dir_atomically(target: str | Path, fill: Callable[[Path], None]) -> Path:
+# Temporary names next to a directory being written (write_dir_atomically): ".NAME.tmp-PID" is being filled,
+# ".NAME.old-PID" is the version it replaces, for a moment. A killed process leaves them behind; see
+# lit_model.resume.cleanup_stale.
+LEFTOVER_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def leftover_name(target: Path, kind: str, pid: Optional[int] = None) -> Path:
+    """The temporary sibling of `target` of `kind` "tmp" or "old" (see LEFTOVER_DIR)."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid() if pid is None else pid}")
+
+
+def write_dir_atomically(
+    target: str | Path, fill: Callable[[Path], None], replace: bool = False, intact: Optional[str] = None
+) -> Path:
     """Create directory `target` complete or not at all: `fill` writes into a temporary sibling, which is renamed.
 
-    `target` must not exist or be an empty directory. If `fill` raises, the temporary directory is removed and
-    `target` is left as it was.
+    Before the rename, the weight files get their checksums (lit_model.integrity; those `fill` wrote with
+    `save_state_dict` have them already) and every file and directory is fsynced, so after a crash or power cut
+    `target` is the old complete version or the new complete one. If `fill` raises, the temporary directory is removed
+    and `target` is left as it was; a full disk raises DiskFullError saying so.
+    `target` must not exist or be an empty directory, unless `replace`: then an existing `target` is swapped for the
+    new one (moved aside to ".NAME.old-PID", the new one renamed in, the old one deleted; a crash in between leaves
+    the old one there for `lit_model.resume.cleanup_stale` to put back). `intact`: what the DiskFullError message
+    says is intact (default: the previous `target`, or what was in its parent directory).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if not replace and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty: write to another directory, or delete it first.")
+    tmp = leftover_name(target, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    if intact is None:
+        intact = f"the previous {target.name} is intact" if target.exists() else (
+            f"what was in {target.parent} before is intact")
     try:
-        fill(tmp)
-        if target.is_dir():
-            target.rmdir()  # empty (checked by the caller); rename cannot replace a directory on every platform
-        os.replace(tmp, target)
+        try:
+            fill(tmp)
+            add_missing_checksums(tmp)
+            fsync_tree(tmp)
+        except Exception as err:  # a DiskFullError from save_state_dict too: say it about `target`, not the tmp file
+            if not (isinstance(err, DiskFullError) or is_disk_full(err, tmp)):
+                raise
+            raise disk_full_error(target, written_bytes=_tree_bytes(tmp), intact=intact) from err
+        _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(target.parent)
     return target
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`, swapping out an existing `target` (see write_dir_atomically)."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # rename cannot replace a directory on every platform
+    old = leftover_name(target, "old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)  # put the old version back: never leave no `target` behind
+            raise
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tree_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total

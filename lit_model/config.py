@@ -121,12 +121,25 @@ class Config:
             raise FileNotFoundError(f"No model config at {str(path)!r}. A checkpoint directory needs model_config.yaml.")
         import yaml  # a script-side dependency: `import lit_model` needs torch only
 
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{path} is not valid YAML ({' '.join(str(err).split())}). Fix it, or re-convert the checkpoint to "
+                "write it again."
+            ) from err
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path} must be a YAML mapping of Config fields (name: value), got a {type(data).__name__}."
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"{path} has unknown Config fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**data)
+        problems = [p for name, value in data.items() if (p := _field_type_problem(name, value)) is not None]
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems) + ". Fix the values (or re-convert the checkpoint).")
+        return cls(**{name: _coerce(name, value) for name, value in data.items()})
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> "Config":
@@ -325,3 +338,65 @@ _add("microsoft/Phi-3-mini-4k-instruct", hf_model_type="phi3", n_layer=32, n_hea
 
 del _suffix, _repo, _size, _layers, _embd, _heads, _vocab
 
+
+
+# ---- checking values read from a file -------------------------------------------------------------------------------
+
+_NUMBER = (int, float)
+
+
+def _expected_kind(name: str) -> tuple[str, Any]:
+    """(what to call it, check) for a Config field, from its annotation; check(value) says whether it fits."""
+    import typing
+
+    hint = typing.get_type_hints(Config)[name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if typing.get_origin(base) is Literal:
+        options = typing.get_args(base)
+        kind, check = f"one of {', '.join(map(repr, options))}", lambda v: v in options
+    elif base is bool:
+        kind, check = "true or false", lambda v: isinstance(v, bool)
+    elif base is int:
+        kind, check = "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    elif base is float:
+        kind, check = "a number", lambda v: _is_number(v)
+    elif base is str:
+        kind, check = "a string", lambda v: isinstance(v, str)
+    elif typing.get_origin(base) is dict:
+        kind, check = "a mapping", lambda v: isinstance(v, dict)
+    else:
+        kind, check = str(base), lambda v: True
+    if optional:
+        return f"{kind} or null", lambda v: v is None or check(v)
+    return kind, check
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, or a string that spells one: PyYAML reads `1e-5` (no dot) as the string "1e-5"."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, _NUMBER):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _field_type_problem(name: str, value: Any) -> Optional[str]:
+    kind, check = _expected_kind(name)
+    if check(value):
+        return None
+    return f"{name} must be {kind}, got {value!r} ({type(value).__name__})"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A checked value as its field's type: numbers for float fields (ints and YAML's "1e-5" strings)."""
+    kind, _ = _expected_kind(name)
+    if kind.startswith("a number") and value is not None:
+        return float(value)
+    return value

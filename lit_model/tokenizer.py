@@ -52,6 +52,12 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.jinja",
 )
 
+# What to do about a tokenizer file that cannot be read.
+_DAMAGED = (
+    "The file is damaged or not what its name says (e.g. an interrupted download, or an HTML error page saved in its "
+    "place): download the model again, or copy the tokenizer files from the original checkpoint."
+)
+
 # U+FFFD: what a decoder produces for an incomplete UTF-8 sequence (a character split across byte tokens).
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -60,8 +66,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from `path`, or an empty dict when the file does not exist."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {_DAMAGED}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -121,7 +130,11 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "huggingface"
-            self._hf = HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+            path = checkpoint_dir / "tokenizer.json"
+            try:
+                self._hf = HFTokenizer.from_file(str(path))
+            except Exception as err:  # tokenizers raises a bare Exception ("expected value at line 1 column 1")
+                raise ValueError(f"{path} is not a valid tokenizer.json ({err}). {_DAMAGED}") from err
             # tokenizer.json may carry padding/truncation settings; `encode` must return the whole text, unpadded.
             self._hf.no_padding()
             self._hf.no_truncation()
@@ -130,7 +143,11 @@ class Tokenizer:
             import sentencepiece as spm
 
             self.backend = "sentencepiece"
-            self._sp = spm.SentencePieceProcessor(model_file=str(checkpoint_dir / "tokenizer.model"))
+            path = checkpoint_dir / "tokenizer.model"
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            except (RuntimeError, OSError) as err:  # "INTERNAL: could not parse ModelProto from ..."
+                raise ValueError(f"{path} is not a valid SentencePiece model ({err}). {_DAMAGED}") from err
             self.vocab_size = self._sp.vocab_size()
         else:
             raise FileNotFoundError(
@@ -223,14 +240,27 @@ class Tokenizer:
         """
         if bos is None:
             bos = self.use_bos
-        if self._hf is not None:
-            # The post-processor is bypassed (add_special_tokens=False) and BOS/EOS added here, so they are never
-            # added twice and the caller decides, whatever the tokenizer.json template says.
-            ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids
-        elif special:
-            ids = self._sp_encode_special(text)
-        else:
-            ids = self._sp.encode(text)
+        try:
+            if self._hf is not None:
+                # The post-processor is bypassed (add_special_tokens=False) and BOS/EOS added here, so they are never
+                # added twice and the caller decides, whatever the tokenizer.json template says.
+                ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids
+            elif special:
+                ids = self._sp_encode_special(text)
+            else:
+                ids = self._sp.encode(text)
+        except (TypeError, RuntimeError) as err:
+            # Both backends fail on text that is not valid Unicode ("TextInputSequence must be str", "Unable to
+            # cast Python instance"), without saying where: find the culprit.
+            if not isinstance(text, str):
+                raise TypeError(f"encode takes a str, got {type(text).__name__}") from err
+            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise ValueError(
+                f"The text holds a lone UTF-16 surrogate U+{ord(text[bad]):04X} at character {bad} (after "
+                f"{text[max(0, bad - 20):bad]!r}), which is not a character and cannot be tokenized: fix the text."
+            ) from err
         if bos:
             if self.bos_id is None:
                 raise ValueError(

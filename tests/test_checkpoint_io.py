@@ -74,7 +74,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(OSError, match="disk full"):
         save_state_dict({"w": torch.zeros(2)}, path)
     assert torch.equal(load_state_dict(path)["w"], torch.ones(2))  # the old file is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["lit_model.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.json", "lit_model.pth"]
 
 
 def test_refuses_what_is_not_a_plain_state_dict(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_save_checkpoint_dir_copies_tokenizer_files(tmp_path: Path) -> None:
     model = tiny_model()
     target = save_checkpoint_dir(tmp_path / "out", model.state_dict(), model.config, copy_files_from=source)
     assert sorted(p.name for p in target.iterdir()) == [
-        "generation_config.json", "lit_model.pth", "model_config.yaml", "tokenizer.json"
+        "checksums.json", "generation_config.json", "lit_model.pth", "model_config.yaml", "tokenizer.json"
     ]
     assert check_checkpoint_dir(target) == target
 

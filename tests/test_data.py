@@ -308,3 +308,131 @@ def test_dataloader_with_partial_collate(bpe: Tokenizer) -> None:
     # Padding adds no targets: the loop's shifted targets count only response tokens + EOS.
     total_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     assert total_targets == sum(len(bpe.encode(r["output"], bos=False, eos=True)) for r in records)
+
+
+# ---- huge records ----------------------------------------------------------------------------------------------------
+
+
+class RecordingTokenizer:
+    """A tokenizer that remembers the length of every text it is asked to encode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.eos_id, self.lengths = tokenizer, tokenizer.eos_id, []
+
+    def encode(self, text: str, **kwargs) -> torch.Tensor:
+        self.lengths.append(len(text))
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def uncut(monkeypatch: pytest.MonkeyPatch, *args, **kwargs) -> SFTDataset:
+    """The dataset as it was before huge fields were cut: every text tokenized whole."""
+    import lit_model.data as data
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "CHARS_PER_TOKEN_BUDGET", 10**12)
+        return SFTDataset(*args, **kwargs)
+
+
+def varied_text(n_chars: int, offset: int = 0) -> str:
+    from tests.tokenizer_utils import DEFAULT_TEXTS
+
+    text = " ".join(DEFAULT_TEXTS[offset:] + DEFAULT_TEXTS[:offset])
+    return (text * (n_chars // len(text) + 1))[:n_chars]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bpe", "sentencepiece"])
+@pytest.mark.parametrize("field", ["instruction", "input", "output"])
+def test_a_huge_field_is_cut_before_tokenizing_with_the_same_tokens(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tokenizer_name: str, field: str
+) -> None:
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    n = 40
+    huge = dict(RECORDS[0], **{field: varied_text(30_000, offset=3)})
+    records = [RECORDS[1], huge, RECORDS[2]]
+    for style in (PromptStyle.from_name("alpaca"), PromptStyle.from_name("chatml")):
+        recording = RecordingTokenizer(tokenizer)
+        ds = SFTDataset(records, recording, style, max_seq_length=n)
+        reference = uncut(monkeypatch, records, tokenizer, style, max_seq_length=n)
+        # Nothing longer than the two cuts (64 and 128 characters per token) plus the template was tokenized.
+        assert max(recording.lengths) <= 2 * 64 * n + 500 < len(huge[field])
+        assert ds.num_truncated == reference.num_truncated and ds.num_cut == 1
+        assert ds.num_without_targets == reference.num_without_targets
+        for a, b in zip(ds, reference):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_a_multi_megabyte_record_costs_what_max_seq_length_allows(sentencepiece: Tokenizer) -> None:
+    n = 64
+    huge = {"instruction": varied_text(2_000_000), "input": varied_text(1_000_000, 5), "output": varied_text(1_000_000)}
+    recording = RecordingTokenizer(sentencepiece)
+    style = PromptStyle.from_name("alpaca")
+    ds = SFTDataset([huge, RECORDS[0]], recording, style, max_seq_length=n)
+    # Two cuts, each a prompt and a response encode, then the normal record: bounded by n, not by the record.
+    assert len(recording.lengths) == 6
+    assert max(recording.lengths) <= 2 * (2 * 64 * n) + 500  # instruction and input
+    assert ds.num_cut == 1 and ds.lengths()[0] == n
+    # The kept tokens are those of the untruncated text (the prompt's first n; the response never fits).
+    whole = sentencepiece.encode(style.apply(huge["instruction"], huge["input"]), bos=style.adds_bos)
+    assert torch.equal(ds[0]["input_ids"], whole[:n])
+    assert (ds[0]["labels"] == -100).all()
+
+
+class SpaceDroppingTokenizer:
+    """One id per character, spaces deleted (as a normalizer may delete text): characters are no bound on tokens."""
+
+    eos_id = 1
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, special: bool = False) -> torch.Tensor:
+        return torch.tensor([0] * (bos is not False) + [2 + ord(c) % 500 for c in text if c != " "] + [1] * eos)
+
+
+def test_the_cut_grows_when_the_text_gives_too_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 16
+    record = {"instruction": "Spaces" + " " * 20_000 + varied_text(3_000), "input": "", "output": "ok"}
+    tokenizer = SpaceDroppingTokenizer()
+    style = PromptStyle.from_name("plain")
+    ds = SFTDataset([record], tokenizer, style, max_seq_length=n)
+    reference = uncut(monkeypatch, [record], tokenizer, style, max_seq_length=n)
+    assert torch.equal(ds[0]["input_ids"], reference[0]["input_ids"])
+    assert ds[0]["input_ids"].numel() == n and ds.num_truncated == 1
+
+
+def test_invalid_text_names_the_file_the_line_and_the_field(tmp_path: Path, bpe: Tokenizer) -> None:
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "smile \\ud83d!"}\n')
+    match = (r"surrogate\.jsonl, line 2: field 'output' holds invalid text: a lone UTF-16 surrogate U\+D83D at "
+             r"character 6 \(after 'smile '\).*fix or drop this record")
+    with pytest.raises(ValueError, match=match):
+        load_records(path)
+    # Records that did not come through load_records: the dataset names the record and the field.
+    records = [RECORDS[0], {"instruction": "a", "input": "x\udc00", "output": "b"}]
+    match = r"Record 1: field 'input' holds invalid text: a lone UTF-16 surrogate U\+DC00"
+    with pytest.raises(ValueError, match=match):
+        SFTDataset(records, bpe, PromptStyle.from_name("alpaca"), max_seq_length=64)
+
+
+def test_jsonl_is_streamed_and_big_inputs_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lit_model.data as data
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    with monkeypatch.context() as m:  # JSONL never reads the whole file into one string
+        m.setattr(Path, "read_text", lambda *a, **k: pytest.fail("read the whole file"))
+        assert len(load_records(jsonl, max_json_bytes=10)) == 3
+    array = tmp_path / "data.json"
+    array.write_text(json.dumps(RECORDS))
+    match = (r"data\.json is a 0 MiB JSON array; arrays above 0 MiB are refused .* Convert it to JSONL \(one record "
+             r"per line\), which is read line by line: `jq -c '\.\[\]' .*data\.json > .*data\.jsonl`")
+    with pytest.raises(ValueError, match=match):
+        load_records(array, max_json_bytes=100)
+    monkeypatch.setattr(data, "_available_memory_bytes", lambda: 100)
+    with pytest.raises(ValueError, match=r"data\.jsonl is 0\.0 GiB, more than the 0\.0 GiB of memory available"):
+        load_records(jsonl)
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n' * 3000 + '{"instruction": "café", "output": "b"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl is not UTF-8 text \(line 3001: 'utf-8' codec can't decode"):
+        load_records(path)

@@ -65,7 +65,7 @@ def test_downloads_safetensors_and_converts(download, tmp_path: Path, monkeypatc
 
     assert target == tmp_path / "checkpoints" / "org" / "tiny"
     assert sorted(p.name for p in target.iterdir()) == [
-        "config.json", "generation_config.json", "lit_model.pth", "model.safetensors", "model_config.yaml",
+        "checksums.json", "config.json", "generation_config.json", "lit_model.pth", "model.safetensors", "model_config.yaml",
         "tokenizer.json",
     ]
     assert len(calls) == 2 and all(c["token"] == "hf_from_env" and c["repo_id"] == "org/tiny" for c in calls)

@@ -103,7 +103,7 @@ def test_merged_checkpoint_gives_the_lora_logits(variant: str, lora: dict, tmp_p
     merged = merge(checkpoint_dir=run.lora_dir)
     assert merged == run.lora_dir / "merged"
     assert sorted(p.name for p in merged.iterdir()) == [
-        "generation_config.json", "hyperparameters.yaml", "lit_model.pth", "model_config.yaml", "prompt_style.yaml",
+        "checksums.json", "generation_config.json", "hyperparameters.yaml", "lit_model.pth", "model_config.yaml", "prompt_style.yaml",
         "tokenizer.json", "tokenizer_config.json",
     ]
     assert not [p for p in merged.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
@@ -226,10 +226,11 @@ def test_merge_output_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint_io, "copy_support_files", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"Out of disk space while writing .*merged .*intact"):
         merge(checkpoint_dir=run.lora_dir)
     assert sorted(p.name for p in run.lora_dir.iterdir()) == sorted(  # no merged/, no temporary directory
-        ["hyperparameters.yaml", "lit_model.lora.pth", "model_config.yaml", "prompt_style.yaml", "tokenizer.json",
+        ["checksums.json", "hyperparameters.yaml", "lit_model.lora.pth", "model_config.yaml", "prompt_style.yaml",
+         "tokenizer.json",
          "tokenizer_config.json", "generation_config.json"]
     )
     monkeypatch.undo()
