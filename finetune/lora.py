@@ -20,6 +20,7 @@ def setup(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     seed: int = 1337,
     resume: Optional[str] = None,
+    overwrite: bool = False,
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(global_batch_size=8, micro_batch_size=8, learning_rate=3e-3),
     eval: EvalArgs = EvalArgs(),
@@ -43,6 +44,8 @@ def setup(
         seed: random seed (data order, initialisation).
         resume: continue a run: "auto" (the latest step-NNNNNN in out_dir, else start fresh) or a checkpoint
             directory. Restores weights, optimizer, schedule, step, data position and RNG states.
+        overwrite: a fresh run into an out_dir that holds another run's checkpoints (final/, step-NNNNNN/) deletes
+            them; without it such a run is refused.
         data: training data.
         train: optimisation.
         eval: evaluation.
@@ -52,7 +55,7 @@ def setup(
     job = FinetuneJob(
         mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
         num_nodes=num_nodes, strategy=strategy, seed=seed,
-        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, dropbp=dropbp,
+        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, overwrite=overwrite, dropbp=dropbp,
         hparams=dict(locals()),
     )
     return run(job)

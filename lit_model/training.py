@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from lit_model.model import GPT
 from lit_model.prompts import resolve_prompt_style
 from lit_model.precision import canonical, compute_dtype, default_precision, describe, param_dtype
 from lit_model import resume as ckpt
+from lit_model.cli import script_main  # noqa: F401 (re-exported: the scripts import it from here)
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 
@@ -57,6 +57,7 @@ class FinetuneJob:
     hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp (see make_strategy)
+    overwrite: bool = False  # a fresh run may clear an out_dir that holds another run's checkpoints
 
     @property
     def world_size(self) -> int:
@@ -126,18 +127,52 @@ def unwrap(model: Any) -> GPT:
 def run(job: FinetuneJob) -> dict[str, float]:
     """Validate the job, build model and data, train (or resume), evaluate and save `out_dir/final`.
 
-    Returns the final metrics (validation loss, exact match before/after when enabled, training time).
+    The output directory is locked for the whole run (a second run there fails at once), what killed runs left in it
+    is removed, and a fresh run refuses a directory that holds another run's checkpoints (--overwrite true clears
+    them). Returns the final metrics (validation loss, exact match before/after when enabled, training time).
     """
+    from lit_model.run_lock import OutDirLock, rank_from_env
+
+    job.precision = job.precision or default_precision(job.quantize is not None)
+    validate_job(job)
+    job.precision = canonical(job.precision)
+    out_dir = Path(job.out_dir)
+    # Rank 0 is the launching process (Fabric's launcher starts the others with a rank in their environment).
+    with OutDirLock(out_dir, rank=rank_from_env()) as lock:
+        resume_from = ckpt.resolve_resume(job.resume, out_dir)
+        if lock.held:
+            ckpt.cleanup_stale(out_dir)
+            claim_out_dir(out_dir, resume_from, job.overwrite)
+        return _run(job, resume_from)
+
+
+def claim_out_dir(out_dir: Path, resume_from: Optional[Path], overwrite: bool) -> None:
+    """A run that starts fresh must not mix its checkpoints with another run's, or replace a finished final/ unseen:
+    refuse such a directory, or clear it with `overwrite`."""
+    if resume_from is not None:
+        return
+    previous = [p for p in (out_dir / "final", *ckpt.list_checkpoints(out_dir)) if p.exists()]
+    if not previous:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in previous[:4]) + (" ..." if len(previous) > 4 else "")
+        raise FileExistsError(
+            f"{out_dir} holds another run ({names}). Continue it with --resume auto, start over with --overwrite true "
+            "(deletes its checkpoints and metrics), or pass another --out_dir.")
+    import shutil
+
+    for path in (*previous, out_dir / "logs"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(job: FinetuneJob, resume_from: Optional[Path]) -> dict[str, float]:
+    """`run` inside the output directory's lock."""
     from lightning.fabric import Fabric
 
     from lit_model.data import SFTDataset
     from lit_model.evaluation import exact_match
     from lit_model.tokenizer import Tokenizer
 
-    job.precision = job.precision or default_precision(job.quantize is not None)
-    validate_job(job)
-    job.precision = canonical(job.precision)
-    resume_from = ckpt.resolve_resume(job.resume, Path(job.out_dir))
     fabric = Fabric(devices=job.devices, num_nodes=job.num_nodes, strategy=make_strategy(job), precision=job.precision,
                     loggers=make_loggers(Path(job.out_dir)))
     if not os.environ.get("LT_CLI_USED"):  # `fabric run` started the processes already and forbids a second launch
@@ -931,9 +966,11 @@ def validate_job(job: FinetuneJob) -> None:
         except ValueError as err:
             problems.append(str(err))
     if job.resume is not None and str(job.resume) != "auto":
-        try:
-            ckpt.resolve_resume(job.resume, Path(job.out_dir))
-        except FileNotFoundError as err:
+        from lit_model.errors import CorruptFileError
+
+        try:  # the structure of its files; their checksums are compared once, when the run resolves it
+            ckpt.resolve_resume(job.resume, Path(job.out_dir), verify=False)
+        except (FileNotFoundError, CorruptFileError) as err:
             problems.append(str(err))
     from lit_model.checkpoint_io import check_checkpoint_dir
 
@@ -1098,12 +1135,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def script_main(fn: Callable[..., Any], **defaults: Any) -> None:
-    """Run a finetune/generate script function as a CLI (jsonargparse), optionally overriding its defaults."""
-    from jsonargparse import CLI
-
-    torch.set_float32_matmul_precision("high")
-    CLI(fn, as_positional=False, set_defaults=defaults or None)
-    sys.stdout.flush()
