@@ -3,7 +3,11 @@
 litgpt (Lightning AI's reference implementation) is the peer this project measures itself against. This module
 builds litgpt's `GPT` (or its LoRA `GPT`) for one of our configs, copies our weights into it (our separate
 query/key/value matrices become litgpt's fused `qkv`, in its [q; k; v] order), and runs the step litgpt's own
-fine-tuning scripts run: logits with `lm_head_chunk_size=128`, `litgpt.utils.chunked_cross_entropy`, backward.
+fine-tuning scripts run: logits with `lm_head_chunk_size=128`, `litgpt.utils.chunked_cross_entropy`, backward,
+`torch.optim.AdamW` with torch's defaults (its finetune/full.py and finetune/lora.py build it so).
+
+Every peer module (hf_peer.py, torchtune_peer.py) offers the same five functions to benchmark.py: `require`,
+`covers_checkpointing`, `build`, `loss` and `optimizer`.
 
 litgpt is an optional extra (`pip install -e ".[litgpt]"`). It pins `huggingface_hub<1.4`, which conflicts with the
 test extra's transformers 5; in an environment that has both, install it with `pip install --no-deps litgpt psutil`
@@ -33,6 +37,35 @@ def import_litgpt() -> Any:
             "to transformers 5 (the test extra), `pip install --no-deps litgpt psutil`."
         ) from err
     return litgpt
+
+
+def require() -> Any:
+    """litgpt, or a SystemExit that says how to install it."""
+    return import_litgpt()
+
+
+def covers_checkpointing(every: int) -> bool:
+    """litgpt's fine-tuning scripts have no activation checkpointing: only rows without it compare."""
+    return every == 0
+
+
+def build(ours: GPT, lora: Optional[LoRAConfig], device: torch.device, dtype: torch.dtype, every: int = 0
+          ) -> nn.Module:
+    """litgpt's model with our weights (see `build_litgpt`)."""
+    if every:
+        raise ValueError("litgpt's fine-tuning has no activation checkpointing to compare with")
+    return build_litgpt(ours, lora, device, dtype)
+
+
+def loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """litgpt's training loss on (B, T + 1) tokens (see `litgpt_loss`)."""
+    return litgpt_loss(model, tokens)
+
+
+def optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """What litgpt's finetune scripts build: `torch.optim.AdamW` over the trainable parameters, torch's default
+    implementation (neither fused nor foreach given: a per-tensor loop on CPU, foreach on CUDA)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 def litgpt_config(config: Config, lora: Optional[LoRAConfig] = None) -> Any:

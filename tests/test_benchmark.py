@@ -47,7 +47,8 @@ def test_rows_table_json_and_plot(bench, tmp_path, capsys) -> None:
         assert dropped["saved_for_backward_bytes"] < base["saved_for_backward_bytes"]
         assert dropped["saved_for_backward_bytes"] <= dropped["saved_for_backward_max_bytes"]
         assert base["step_ms"] == pytest.approx(base["forward_ms"] + base["backward_ms"] + base["optimizer_ms"])
-        assert base["vs_peer"] is None and base["cuda_peak_bytes"] is None
+        assert base["vs_peers"] == {} and base["cuda_peak_bytes"] is None
+        assert base["precision"] == "32-true" and 0 < base["gemm_share"]
     # LoRA trains a sliver of the weights: its gradients and optimizer state are a sliver of full fine-tuning's.
     assert by[("lora", 0.0)]["gradient_bytes"] < by[("full", 0.0)]["gradient_bytes"] / 5
     # AdamW: m and v per parameter (plus the fused kernel's 4-byte step counters)
@@ -61,8 +62,11 @@ def test_rows_table_json_and_plot(bench, tmp_path, capsys) -> None:
 
 def test_unknown_peer_is_refused(bench) -> None:
     model = GPT(PEER_CONFIGS["llama-gqa"])
-    with pytest.raises(ValueError, match="only peer is litgpt"):
-        bench.build_peer("megatron", model, "full", 8, torch.device("cpu"), "32-true", torch.zeros(1, 5).long())
+    with pytest.raises(ValueError, match=r"Unknown peer\(s\) 'megatron': the peers are hf, litgpt, torchtune"):
+        bench.build_peer("megatron", model, "full", 0, 8, torch.device("cpu"), "32-true", torch.zeros(1, 5).long())
+    # from the command line: before anything is measured, with every other problem of the arguments
+    with pytest.raises(ValueError, match=r"precision '8-true'.*'megatron', 'ds': the peers are hf, litgpt, torchtune"):
+        bench.benchmark(overrides=TINY, modes=("full",), peer=["hf", "megatron", "ds"], precisions=("8-true",))
 
 
 def test_missing_litgpt_says_how_to_install(bench, monkeypatch) -> None:
@@ -128,10 +132,10 @@ def test_benchmark_times_the_peer_in_the_same_rounds(bench, capsys) -> None:
     for r in rows:
         if r["impl"] == "ours":
             compared = r["checkpointing"] == 0 and r["mode"] in ("full", "lora")
-            assert (r["vs_peer"] is not None) == compared
+            assert bool(r["vs_peers"]) == compared
             if compared:
                 peer = next(p for p in peers if p["mode"] == r["mode"])
-                assert r["vs_peer"] == pytest.approx(r["tokens_per_s"] / peer["tokens_per_s"])
+                assert r["vs_peers"] == {"litgpt": pytest.approx(r["tokens_per_s"] / peer["tokens_per_s"])}
     assert "| full | litgpt | - |" in capsys.readouterr().out
 
 
