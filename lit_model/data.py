@@ -323,9 +323,12 @@ class SFTDataset(Dataset):
         self.num_truncated = 0
         self.num_cut = 0  # records whose text was cut before tokenizing (see "Huge records"); all are truncated too
         self.num_without_targets = 0
+        # The shortest max_seq_length that would give every sample without targets one answer token.
+        self.length_for_targets = 0
         self._samples: list[tuple[torch.Tensor, int]] = []  # (input_ids, number of prompt tokens within them)
         for index, record in enumerate(records):
             ids, n_prompt, cut = self._sample(record, index, tokenizer, prompt_style)
+            full_prompt = n_prompt
             if cut or ids.numel() > max_seq_length:
                 ids = ids[:max_seq_length].clone()  # clone: do not keep the longer tensor alive through a view
                 self.num_truncated += 1
@@ -335,6 +338,7 @@ class SFTDataset(Dataset):
             first_target = max(n_prompt, 1) if mask_prompt else 1
             if first_target >= ids.numel():
                 self.num_without_targets += 1
+                self.length_for_targets = max(self.length_for_targets, full_prompt + 1)
             self._samples.append((ids, n_prompt))
 
     def _sample(

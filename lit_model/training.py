@@ -146,6 +146,21 @@ def run(job: FinetuneJob) -> dict[str, float]:
         return _run(job, resume_from)
 
 
+def check_targets(data: Any, name: str, max_seq_length: int, fabric: Any) -> None:
+    """Stop when no sample of a split has an answer token left to learn from (every prompt fills max_seq_length):
+    the run would train on nothing and report a validation loss of 0. Warn when only some have none."""
+    missing = data.num_without_targets
+    if not missing:
+        return
+    fix = (f"--train.max_seq_length {data.length_for_targets} would keep at least one answer token in each (the "
+           f"longest such prompt is {data.length_for_targets - 1} tokens)")
+    if missing == len(data):
+        raise ValueError(f"None of the {len(data)} {name} samples has an answer token within --train.max_seq_length "
+                         f"{max_seq_length}: their prompts fill it. {fix[0].upper() + fix[1:]}; or shorten the prompts.")
+    fabric.print(f"Warning: {missing} of {len(data)} {name} samples have no answer token within {max_seq_length} tokens "
+                 f"and teach nothing; {fix}")
+
+
 def claim_out_dir(out_dir: Path, resume_from: Optional[Path], overwrite: bool) -> None:
     """A run that starts fresh must not mix its checkpoints with another run's, or replace a finished final/ unseen:
     refuse such a directory, or clear it with `overwrite`."""
@@ -202,6 +217,7 @@ def _run(job: FinetuneJob, resume_from: Optional[Path]) -> dict[str, float]:
     for name, ds in (("train", train_data), ("validation", val_data)):
         if ds.num_truncated:
             fabric.print(f"Note: {ds.num_truncated} of {len(ds)} {name} samples truncated to {max_seq_length} tokens")
+        check_targets(ds, name, max_seq_length, fabric)
     steps_per_epoch = max(1, len(train_data) // job.train.global_batch_size)
     loop = LoopState(max_steps=job.train.max_steps or job.train.epochs * steps_per_epoch)
     fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {loop.max_steps} steps")

@@ -744,6 +744,6 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(benchmark, as_positional=False)
+    script_main(benchmark)

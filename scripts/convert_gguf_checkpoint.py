@@ -39,6 +39,6 @@ def convert_gguf_checkpoint(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(convert_gguf_checkpoint, as_positional=False)
+    script_main(convert_gguf_checkpoint)

@@ -54,6 +54,6 @@ def convert_hf_checkpoint(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(convert_hf_checkpoint, as_positional=False)
+    script_main(convert_hf_checkpoint)

@@ -60,6 +60,6 @@ def convert_lit_checkpoint(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(convert_lit_checkpoint, as_positional=False)
+    script_main(convert_lit_checkpoint)

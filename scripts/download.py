@@ -135,6 +135,6 @@ download.__doc__ = (download.__doc__ or "").replace(
 )
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(download, as_positional=False)
+    script_main(download)

@@ -307,6 +307,6 @@ def plot_mode(results: list[dict[str, Any]], mode: str, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(main, as_positional=False)
+    script_main(main)

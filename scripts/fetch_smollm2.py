@@ -110,6 +110,6 @@ def check_sha256(path: Path, expected: str) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(fetch_smollm2, as_positional=False)
+    script_main(fetch_smollm2)

@@ -43,6 +43,6 @@ def merge_lora(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(merge_lora, as_positional=False)
+    script_main(merge_lora)

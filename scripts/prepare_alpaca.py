@@ -114,6 +114,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(prepare_alpaca)
+    script_main(prepare_alpaca)

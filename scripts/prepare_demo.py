@@ -287,6 +287,6 @@ training loss {final_loss:.4f}. It took {minutes:.1f} minutes on this machine ({
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from lit_model.cli import script_main
 
-    CLI(prepare_demo)
+    script_main(prepare_demo)

@@ -124,3 +124,15 @@ def test_demo_data_is_written_whole_and_only_when_it_changed(tmp_path) -> None:
     write_demo_dataset(tmp_path)  # another rank, a moment later: the same content, no rewrite
     assert train.stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_every_label_masked_stops_with_the_length_that_would_keep_answers(tiny_checkpoint, tmp_path) -> None:
+    import re
+
+    with pytest.raises(ValueError, match=r"None of the 32 train samples has an answer token within "
+                                         r"--train.max_seq_length 8: .*--train.max_seq_length \d+ would keep") as err:
+        run("lora", tiny_checkpoint, tmp_path / "out", train=short_train(max_steps=2, max_seq_length=8))
+    assert not (tmp_path / "out" / "final").exists()
+    suggested = int(re.search(r"max_seq_length (\d+) would keep", str(err.value)).group(1))
+    metrics = run("lora", tiny_checkpoint, tmp_path / "out", train=short_train(max_steps=2, max_seq_length=suggested))
+    assert metrics["val_loss"] > 0  # the suggested length leaves answers to learn and to validate on
