@@ -680,9 +680,10 @@ def check_resume(state: dict[str, Any], fingerprint: dict[str, Any], max_steps: 
     saved = state.get("fingerprint")
     if saved:  # checkpoints of earlier versions have none: nothing to compare with
         problems = fingerprint_problems(saved, fingerprint, allow_new_schedule)
-    if int(state["step"]) >= max_steps and not problems:
-        problems.append(f"the checkpoint is at step {int(state['step'])}, and this run ends at step {max_steps}: "
-                        "nothing is left to train (raise --train.max_steps, with --train.allow_new_schedule true)")
+    if int(state["step"]) > max_steps and not problems:  # (at max_steps: the run only evaluates and saves final/)
+        raise ValueError(f"Cannot resume from {checkpoint}: it is at step {int(state['step'])}, past the end of this "
+                         f"run (step {max_steps}). Raise --train.max_steps (with --train.allow_new_schedule true), or "
+                         "use the checkpoint as it is: it is a complete checkpoint directory.")
     if problems:
         raise ValueError(f"Cannot resume from {checkpoint}: it belongs to a different run.\n  - "
                          + "\n  - ".join(problems)

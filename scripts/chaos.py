@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(
     kills: int = 33,
     mode: str = "full",
-    max_steps: int = 40,
+    max_steps: int = 200,
     work_dir: Path = Path("out/chaos"),
     sigint_share: float = 0.25,
     seed: int = 0,
-    timeout_s: float = 300.0,
+    timeout_s: float = 900.0,
+    max_wait_s: float = 12.0,
 ) -> dict[str, int]:
     """Kill a demo run `kills` times at random moments, resuming after each; check and report.
 
@@ -44,6 +45,8 @@ def main(
         sigint_share: share of the interruptions that are Ctrl-C (SIGINT) instead of kill -9.
         seed: seed of the kill moments.
         timeout_s: the most a single run may take before the check fails.
+        max_wait_s: each kill lands at a uniform random moment up to this many seconds after the process starts
+            (start-up, loading and resuming take a few seconds; a checkpoint is written after every step).
 
     Returns:
         The figures: kills, SIGINTs, inexact resumes (0 or 1: the final weights differ), leftovers, metrics rows
@@ -62,8 +65,12 @@ def main(
     figures = {"kills": 0, "sigint": 0, "unloadable": 0, "finished_early": 0}
     for _ in range(kills):
         proc = _start(mode, chaos, max_steps, resume=True)
-        time.sleep(rng.uniform(0.3, straight_s))
-        if proc.poll() is not None:  # it finished before the kill: the run is complete
+        # Start-up, loading, resuming, training and saving all get hit, and every process leaves work for the next.
+        time.sleep(rng.uniform(0.3, min(max_wait_s, 0.6 * straight_s)))
+        if proc.poll() is not None:  # it ended before the kill: complete, or failed (which the check reports)
+            if proc.returncode != 0:
+                raise RuntimeError(f"A resumed run failed (exit {proc.returncode}):\n"
+                                   f"{proc.stderr.read().decode()[-3000:]}")
             figures["finished_early"] += 1
             break
         sig = signal.SIGINT if rng.random() < sigint_share else signal.SIGKILL

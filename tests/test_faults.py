@@ -103,9 +103,13 @@ def test_resume_refuses_a_checkpoint_past_the_end_and_another_base(tiny_checkpoi
     run("lora", tiny_checkpoint, out, train=short_train(max_steps=4, save_interval=2))
     with pytest.raises(ValueError, match=r"max_steps: 4 in the checkpoint, 2 now"):
         run("lora", tiny_checkpoint, out, resume=str(out / "step-000004"), train=short_train(max_steps=2))
-    with pytest.raises(ValueError, match=r"at step 4, and this run ends at step 4: nothing is left to train"):
+    with pytest.raises(ValueError, match=r"it is at step 4, past the end of this run \(step 2\)"):
         run("lora", tiny_checkpoint, out, resume=str(out / "step-000004"),
-            train=short_train(max_steps=4, save_interval=2))
+            train=short_train(max_steps=2, save_interval=2, allow_new_schedule=True))
+    # At the end already (killed before final/ was written): resuming only evaluates and saves final/ again.
+    metrics = run("lora", tiny_checkpoint, out, resume=str(out / "step-000004"),
+                  train=short_train(max_steps=4, save_interval=2))
+    assert "val_loss" in metrics and (out / "final").is_dir()
     other = tmp_path / "other-base"  # the same shape, other weights
     shutil.copytree(tiny_checkpoint, other)
     for name in ("train.json", "val.json"):  # the data files live next to the checkpoint directory
