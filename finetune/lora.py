@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
-from lit_model.lora import LoRAConfig
+from lit_model.peft.lora import LoRAConfig
 from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from lit_model.loading import load_any
+from lit_model.peft.checkpoint import load_any
 from lit_model.precision import autocast, canonical, default_precision, describe, param_dtype
 from lit_model.prompts import resolve_prompt_style
 from lit_model.sampling import generate_tokens

@@ -26,16 +26,19 @@ from lit_model.checkpoint_io import (
     compare_keys,
     copy_support_files,
     download_hint,
-    is_lora_checkpoint,
-    load_lora_weights,
+    hf_weight_files,
     load_state_dict,
-    lora_support_dir,
-    merge_lora_weights,
     mismatch_message,
     parse_dtype,
     preview,
-    read_lora_checkpoint,
     save_state_dict,
+)
+from lit_model.peft.checkpoint import (
+    is_lora_checkpoint,
+    load_lora_weights,
+    lora_support_dir,
+    merge_lora_weights,
+    read_lora_checkpoint,
 )
 from lit_model.config import PRESETS, Config
 from lit_model.model import GPT
@@ -266,28 +269,6 @@ def _fuse(parts: list[torch.Tensor], config: Config, per_head: bool) -> torch.Te
 
 
 # ---- Hugging Face checkpoint directories -> ours --------------------------------------------------------------------
-
-
-def hf_weight_files(directory: Path) -> list[Path]:
-    """The weight files of a Hugging Face checkpoint: safetensors preferred, then PyTorch .bin; shards in order.
-
-    An `*.index.json` names the shards when present. Mistral's `consolidated.safetensors` (the same weights under
-    other names), hidden files (temporary files, macOS `._*` forks) and training state are skipped.
-    """
-
-    def wanted(path: Path) -> bool:
-        name = path.name
-        return not name.startswith((".", "consolidated")) and name not in ("training_args.bin", "optimizer.bin")
-
-    for suffix in (".safetensors", ".bin"):
-        index = [p for p in sorted(directory.glob(f"*{suffix}.index.json")) if wanted(p)]
-        if index:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-            return [directory / name for name in dict.fromkeys(weight_map.values())]
-        files = [p for p in sorted(directory.glob(f"*{suffix}")) if wanted(p)]
-        if files:
-            return files
-    return []
 
 
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

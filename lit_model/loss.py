@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from lit_model.peft.base import effective_weight
+
 
 def chunked_cross_entropy(
     hidden: torch.Tensor,
@@ -99,23 +101,17 @@ def head_loss(
 def lm_head_weight(head: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The effective (weight, bias) of an LM head, to pass to `chunked_cross_entropy`.
 
-    A plain `nn.Linear` gives its own parameters. A LoRA head (duck-typed: `lora_A` (r, in), `lora_B` (out, r),
-    `scaling`, `merged`) that is not merged gives `weight + (lora_B @ lora_A) * scaling`, differentiable in the LoRA
-    factors, so its adapters train through the chunked loss. LoRA dropout is not applied on this path (the loss sees
-    the head as with dropout 0): dropout acts on the head's input, which the merged weight cannot express.
+    A plain `nn.Linear` gives its own parameters; an unmerged adapter on the head (lit_model.peft.base.Adapter) adds
+    its update, differentiable in the adapter's tensors, so they train through the chunked loss. Adapter dropout is
+    not applied on this path (the loss sees the head as with dropout 0): dropout acts on the head's input, which a
+    merged weight cannot express.
     """
-    weight = head.weight
-    if not weight.is_floating_point():
+    if not head.weight.is_floating_point():
         raise TypeError(
-            f"The LM head weight has dtype {weight.dtype}: a quantized head is not supported by the chunked loss. "
+            f"The LM head weight has dtype {head.weight.dtype}: a quantized head is not supported by the chunked loss. "
             "Keep the LM head dense (unquantized), or pass its dequantized weight."
         )
-    bias = getattr(head, "bias", None)
-    lora_a, lora_b = getattr(head, "lora_A", None), getattr(head, "lora_B", None)
-    if lora_a is not None and lora_b is not None and not getattr(head, "merged", False):
-        delta = (lora_b @ lora_a) * head.scaling  # (out, in)
-        weight = weight + delta.to(weight.dtype)
-    return weight, bias
+    return effective_weight(head)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

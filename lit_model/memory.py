@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from lit_model.quantize import logical_numel
+
 StorageKey = tuple[str, int]
 
 
@@ -166,3 +168,13 @@ def _quant_state_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
         state = getattr(state, "state2", None)
         depth += 1
     return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts its logical (out * in) values, shared ones once."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -25,7 +25,9 @@ from lit_model.config import Config
 from lit_model.data import IGNORE_INDEX, BatchIterator
 from lit_model.fingerprint import fingerprint_problems, run_fingerprint
 from lit_model.interrupts import deferred_interrupt
-from lit_model.lora import count_parameters
+from lit_model.memory import count_parameters
+from lit_model.peft.base import adapter_keys
+from lit_model.peft.checkpoint import load_adapters
 from lit_model.model import GPT
 from lit_model.prompts import resolve_prompt_style
 from lit_model.precision import canonical, compute_dtype, default_precision, describe, param_dtype
@@ -1031,7 +1033,7 @@ def build_model(job: FinetuneJob) -> GPT:
     if job.mode == "full":
         model.requires_grad_(True)
         return model
-    from lit_model.lora import apply_lora
+    from lit_model.peft.lora import apply_lora
 
     if job.quantize is not None:
         from lit_model.quantize import quantize_model
@@ -1045,7 +1047,7 @@ def load_trained_weights(model: GPT, checkpoint: Path, mode: str) -> None:
     from lit_model.checkpoint_io import load_checkpoint
 
     if mode == "lora":
-        load_checkpoint(model, checkpoint / LORA_WEIGHTS_NAME, strict=True, missing_ok=lambda key: "lora_" not in key)
+        load_adapters(model, checkpoint / LORA_WEIGHTS_NAME)
     else:
         load_checkpoint(model, checkpoint / "lit_model.pth", strict=True)
         model.requires_grad_(True)
@@ -1094,9 +1096,8 @@ def save_checkpoint(
     raw = unwrap(model)
     weights = model_state_dict(fabric, model)  # collective under FSDP: every rank takes part
     if job.mode == "lora":
-        from lit_model.lora import is_lora_key
-
-        weights, weights_name = {k: v for k, v in weights.items() if is_lora_key(k)}, LORA_WEIGHTS_NAME
+        keys = set(adapter_keys(raw))
+        weights, weights_name = {k: v for k, v in weights.items() if k in keys}, LORA_WEIGHTS_NAME
     else:
         weights_name = "lit_model.pth"
 

@@ -39,7 +39,8 @@ from lit_model.checkpointing import apply_activation_checkpointing
 from lit_model.dropbp import DropBPHandler
 from lit_model.loss import head_loss
 from lit_model.memory import model_memory, saved_tensor_bytes
-from lit_model.lora import LoRAConfig, count_parameters
+from lit_model.peft.lora import LoRAConfig
+from lit_model.memory import count_parameters
 from lit_model.precision import autocast, canonical, compute_dtype, param_dtype
 from lit_model.training import adamw
 
@@ -271,7 +272,7 @@ def lora_config(lora_r: int) -> LoRAConfig:
 
 def build(config: Config, mode: str, precision: str, lora_r: int, device: torch.device) -> GPT:
     """Random weights in the layout of the mode: all trainable, LoRA, or LoRA on 4-bit weights."""
-    from lit_model.lora import apply_lora
+    from lit_model.peft.lora import apply_lora
 
     model = GPT(config)
     model.init_weights()

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 from lit_model.checkpoint_io import GENERATION_CONFIG_NAME, parse_dtype
 from lit_model.config import PRESETS, Config
-from lit_model.hf_convert import convert_hf_checkpoint, hf_weight_files
+from lit_model.hf_convert import convert_hf_checkpoint
+from lit_model.checkpoint_io import hf_weight_files
 from lit_model.tokenizer import TOKENIZER_FILES
 
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]

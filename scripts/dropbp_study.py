@@ -144,7 +144,7 @@ def parse_run(name: str) -> Run:
 def run_one(run: Run, checkpoint_dir: Path, out_dir: Path, max_steps: int, batch_size: int, eval_interval: int,
             exact_match: int) -> dict[str, Any]:
     """Train one run and collect its curves: training loss and validation loss against step and training time."""
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
     from lit_model.training import FinetuneJob, run as train
 
     data_dir = out_dir / "data" / run.task

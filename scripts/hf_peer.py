@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from lit_model import GPT
-from lit_model.lora import LoRAConfig, LoRALinear
+from lit_model.peft.lora import LoRAConfig, LoRALinear
 
 # Importing or building through these APIs warns about their own deprecations (transformers 5 renamed gradient to
 # activation checkpointing); the peer calls what the installed version offers, so those notes are noise here.

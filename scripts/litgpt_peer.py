@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lit_model import GPT, Config
-from lit_model.lora import LoRAConfig
+from lit_model.peft.lora import LoRAConfig
 
 # litgpt's finetune/full.py and finetune/lora.py apply the LM head in chunks of this many positions.
 LITGPT_LM_HEAD_CHUNK = 128

@@ -9,7 +9,7 @@ The LoRA settings and the base model's directory come from the run's hyperparame
 from pathlib import Path
 from typing import Optional
 
-from lit_model.checkpoint_io import merge_lora_checkpoint
+from lit_model.peft.checkpoint import merge_lora_checkpoint
 
 
 def merge_lora(

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from lit_model import GPT, Config
-from lit_model.lora import LoRAConfig, LoRALinear
+from lit_model.peft.lora import LoRAConfig, LoRALinear
 
 # torchtune's recipes default: CEWithChunkedOutputLoss(num_output_chunks=8).
 OUTPUT_CHUNKS = 8

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lit_model import GPT, Config
-from lit_model.lora import LoRAConfig, apply_lora, count_parameters
+from lit_model.peft.lora import LoRAConfig, apply_lora
+from lit_model.memory import count_parameters
 from tests.finetune_utils import ROOT, load_script
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=256, block_size=64)

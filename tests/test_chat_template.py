@@ -158,7 +158,7 @@ def test_training_uses_saves_and_prints_the_checkpoints_template(tiny_checkpoint
     torch.save(model.state_dict(), d / "lit_model.pth")
     config.save(d / "model_config.yaml")
     lora = load_script("finetune/lora.py")
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
 
     lora.setup(checkpoint_dir=d, out_dir=tmp_path / "out",
                data=DataArgs(train_file=tiny_checkpoint.parent / "train.json",

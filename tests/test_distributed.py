@@ -25,7 +25,7 @@ import yaml
 from lit_model import resume as ckpt
 from lit_model.args import BAdamArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.data import BatchIterator
-from lit_model.lora import LoRAConfig
+from lit_model.peft.lora import LoRAConfig
 from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
     ROOT, data_args, final_weights, load_script, logged_losses, tiny_checkpoint,
 )

@@ -731,7 +731,7 @@ def test_training_steps_equal_the_official_formulation_with_fused_adamw() -> Non
     a dropped branch's parameters are not touched (no decay, no Adam step) and the others' step counts advance."""
     import copy
 
-    from lit_model.lora import LoRAConfig, apply_lora
+    from lit_model.peft.lora import LoRAConfig, apply_lora
     from lit_model.training import dropped_parameters
 
     ours = apply_lora(tiny(LLAMA, n_layer=3), LoRAConfig(r=2, alpha=4, dropout=0.2, query=True, value=True, mlp=True))
@@ -764,7 +764,7 @@ def test_training_steps_equal_the_official_formulation_with_fused_adamw() -> Non
 def test_one_pass_sensitivity_estimate_ranks_like_the_exact_measurement() -> None:
     """The one-pass estimate (one backward instead of 2 * n_layer + 1) against the exact measurement on a trained-ish
     tiny model: its own-parameter part is exact, and the ranking of the branches agrees."""
-    from lit_model.lora import LoRAConfig, apply_lora
+    from lit_model.peft.lora import LoRAConfig, apply_lora
 
     model = apply_lora(tiny(LLAMA, n_layer=4), LoRAConfig(r=2, alpha=4, query=True, value=True, mlp=True))
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lit_model import resume as ckpt
-from lit_model.lora import LoRAConfig
+from lit_model.peft.lora import LoRAConfig
 from tests.finetune_utils import final_weights, logged_losses, short_train, tiny_checkpoint  # noqa: F401
 from tests.test_resume import run
 

@@ -17,7 +17,7 @@ from tests.finetune_utils import ROOT, data_args, load_script, short_train, tiny
 @pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
 def test_lora_script_trains_saves_and_generates(tiny_checkpoint, tmp_path, capsys, quantize) -> None:
     lora = load_script("finetune/lora.py")
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
 
     metrics = lora.setup(
         checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "out", quantize=quantize, data=data_args(tiny_checkpoint),

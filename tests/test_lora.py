@@ -7,18 +7,17 @@ import torch
 import torch.nn as nn
 
 from lit_model import GPT, Config
-from lit_model.lora import (
+from lit_model.peft.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    count_parameters,
     is_lora_key,
-    load_lora_state_dict,
-    lora_filter,
-    lora_state_dict,
     lora_target_names,
-    merge_lora,
 )
+from lit_model.memory import count_parameters
+from lit_model.checkpoint_io import save_state_dict
+from lit_model.peft.base import adapter_keys, adapter_state_dict, merge_adapters
+from lit_model.peft.checkpoint import load_adapters
 
 LLAMA = dict(n_layer=2, n_head=4, n_embd=32, n_query_groups=2, intermediate_size=48, vocab_size=50, block_size=32)
 NEOX = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=32, parallel_residual=True, bias=True,
@@ -115,27 +114,29 @@ def test_only_lora_trainable_and_parameter_counts() -> None:
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
 
 
-def test_lora_state_dict_round_trip_and_errors() -> None:
+def test_lora_state_dict_round_trip_and_errors(tmp_path) -> None:
     model = tiny(**LLAMA)
     apply_lora(model, LoRAConfig())
     randomize_lora(model)
-    sd = lora_state_dict(model)
+    sd = adapter_state_dict(model)
     assert len(sd) == 8 and all(k.endswith((".lora_A", ".lora_B")) for k in sd)
-    assert {k for k, v in model.state_dict().items() if lora_filter(k, v)} == set(sd)  # the fabric.save filter
+    assert set(adapter_keys(model)) == set(sd) == {k for k in model.state_dict() if is_lora_key(k)}
     assert sd["transformer.h.0.attn.query.lora_A"].shape == (8, 32)
     assert sd["transformer.h.0.attn.value.lora_B"].shape == (16, 8)
+    path = tmp_path / "lit_model.lora.pth"
+    save_state_dict(sd, path)
 
     other = apply_lora(tiny(**LLAMA), LoRAConfig())
-    load_lora_state_dict(other, sd)
-    for k, v in lora_state_dict(other).items():
+    load_adapters(other, path)
+    for k, v in adapter_state_dict(other).items():
         assert torch.equal(v, sd[k])
 
-    with pytest.raises(ValueError, match=r"missing 4 key\(s\).*h\.0\.attn\.key\.lora_A.*LoRAConfig"):
-        load_lora_state_dict(apply_lora(tiny(**LLAMA), LoRAConfig(key=True)), sd)
-    with pytest.raises(ValueError, match=r"unexpected 4 key\(s\): transformer\.h\.0\.attn\.value"):
-        load_lora_state_dict(apply_lora(tiny(**LLAMA), LoRAConfig(value=False)), sd)
-    with pytest.raises(ValueError, match=r"8 shape mismatch\(es\) \(a different r\?\).*\(8, 32\) vs model \(4, 32\)"):
-        load_lora_state_dict(apply_lora(tiny(**LLAMA), LoRAConfig(r=4)), sd)
+    with pytest.raises(ValueError, match=r"missing from the weights \(4\): .*h\.0\.attn\.key\.lora_A"):
+        load_adapters(apply_lora(tiny(**LLAMA), LoRAConfig(key=True)), path)
+    with pytest.raises(ValueError, match=r"not in the model \(4\): transformer\.h\.0\.attn\.value"):
+        load_adapters(apply_lora(tiny(**LLAMA), LoRAConfig(value=False)), path)
+    with pytest.raises(ValueError, match=r"shape differs \(8\): .*file \(8, 32\), model \(4, 32\)"):
+        load_adapters(apply_lora(tiny(**LLAMA), LoRAConfig(r=4)), path)
 
 
 def test_base_checkpoint_loads_into_lora_model() -> None:
@@ -146,7 +147,7 @@ def test_base_checkpoint_loads_into_lora_model() -> None:
     apply_lora(model, LoRAConfig(**ALL))
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert result.unexpected_keys == []
-    assert sorted(result.missing_keys) == sorted(lora_state_dict(model))
+    assert sorted(result.missing_keys) == sorted(adapter_state_dict(model))
     torch.testing.assert_close(model.eval()(idx), expected, atol=0, rtol=0)
 
 
@@ -156,7 +157,7 @@ def test_merge_lora_gives_a_plain_checkpoint() -> None:
     randomize_lora(model)
     idx = torch.randint(0, 50, (2, 8))
     expected = model(idx)
-    merged = merge_lora(model)
+    merged = merge_adapters(model)
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     plain = GPT(merged.config).eval()
     plain.load_state_dict(merged.state_dict(), strict=True)
@@ -247,7 +248,7 @@ def test_parity_with_peft(targets: dict) -> None:
     # The same non-zero A and B in both.
     ours_params = dict(ours.named_parameters())
     peft_lora = {k: p for k, p in theirs.named_parameters() if "lora_" in k}
-    assert len(peft_lora) == len(lora_state_dict(ours))
+    assert len(peft_lora) == len(adapter_state_dict(ours))
     with torch.no_grad():
         for key, p in peft_lora.items():
             p.normal_(0.0, 0.2)

@@ -198,17 +198,17 @@ def test_tied_embedding_weight_matches() -> None:
         torch.testing.assert_close(got[n], p.grad, msg=n)
 
 
-class DuckLoRAHead(nn.Module):
-    """The attribute layout of lit_model.lora.LoRALinear, over peft's tensors."""
+def our_lora_head(peft_layer: nn.Module) -> nn.Module:
+    """Our LoRALinear over peft's base layer, with peft's adapter values."""
+    from lit_model.peft.lora import LoRALinear
 
-    def __init__(self, peft_layer: nn.Module, merged: bool = False) -> None:
-        super().__init__()
-        self.weight = peft_layer.base_layer.weight
-        self.bias = peft_layer.base_layer.bias
-        self.lora_A = peft_layer.lora_A["default"].weight  # (r, in)
-        self.lora_B = peft_layer.lora_B["default"].weight  # (out, r)
-        self.scaling = peft_layer.scaling["default"]
-        self.merged = merged
+    base = peft_layer.base_layer
+    r = peft_layer.lora_A["default"].weight.shape[0]
+    head = LoRALinear(base.weight, base.bias, r=r, alpha=peft_layer.scaling["default"] * r).double()
+    with torch.no_grad():
+        head.lora_A.copy_(peft_layer.lora_A["default"].weight)  # (r, in)
+        head.lora_B.copy_(peft_layer.lora_B["default"].weight)  # (out, r)
+    return head
 
 
 def test_lora_head_matches_peft() -> None:
@@ -218,20 +218,21 @@ def test_lora_head_matches_peft() -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["head"], init_lora_weights=False)
     layer = peft.get_peft_model(wrapper, config).base_model.model.head
     assert not base.weight.requires_grad  # peft freezes the base
-    head = DuckLoRAHead(layer)
+    head = our_lora_head(layer)
     hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 40, (2, 9))
     w, b = lm_head_weight(head)
     loss = chunked_cross_entropy(hidden, w, targets, bias=b, chunk_size=4)
-    trainable = [hidden, head.lora_A, head.lora_B]
-    grads = torch.autograd.grad(loss, trainable)
+    grads = torch.autograd.grad(loss, [hidden, head.lora_A, head.lora_B])
     expected = F.cross_entropy(layer(hidden).flatten(0, 1), targets.flatten())
-    expected_grads = torch.autograd.grad(expected, trainable)
+    expected_grads = torch.autograd.grad(
+        expected, [hidden, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
     torch.testing.assert_close(loss, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
     # A merged head already holds the delta: its weight is used as is.
-    assert lm_head_weight(DuckLoRAHead(layer, merged=True))[0] is base.weight
+    head.merge()
+    assert lm_head_weight(head)[0] is head.weight
 
 
 def test_errors() -> None:

@@ -16,7 +16,8 @@ import yaml
 
 from lit_model import GPT
 from lit_model.checkpoint_io import load_model, load_state_dict, save_state_dict
-from lit_model.lora import LoRAConfig, apply_lora, lora_state_dict
+from lit_model.peft.lora import LoRAConfig, apply_lora
+from lit_model.peft.base import adapter_state_dict
 from tests.hf_models import convert, load_script, make_hf_model, random_tokens
 from tests.tokenizer_utils import make_bpe_tokenizer
 
@@ -49,7 +50,7 @@ def make_lora_run(tmp_path: Path, variant: str = "llama", quantize: str | None =
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     lora_dir = tmp_path / "out" / "final"
     lora_dir.mkdir(parents=True)
-    save_state_dict(lora_state_dict(model), lora_dir / "lit_model.lora.pth")
+    save_state_dict(adapter_state_dict(model), lora_dir / "lit_model.lora.pth")
     model.config.save(lora_dir / "model_config.yaml")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (base_dir / name).is_file():
@@ -146,7 +147,7 @@ def test_qlora_adapters_merge_into_the_dense_base(tmp_path: Path) -> None:
     # ... which differs from the 4-bit QLoRA model by the base's quantization error, as the dense base does.
     qlora = apply_lora(quantize_model(load_model(run.base_dir), "bnb.nf4", compute_dtype=torch.float32),
                        LoRAConfig(r=4, alpha=8.0, mlp=True)).eval()
-    qlora.load_state_dict(lora_state_dict(run.model), strict=False)
+    qlora.load_state_dict(adapter_state_dict(run.model), strict=False)
     x = inputs(run)[1]
     merge_gap = (logits(merged, x) - logits(qlora, x)).abs().mean()
     base_4bit = quantize_model(load_model(run.base_dir), "bnb.nf4", compute_dtype=torch.float32)
@@ -212,7 +213,7 @@ def test_merge_errors(tmp_path: Path) -> None:
 
 
 def test_merge_output_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lit_model.checkpoint_io as checkpoint_io
+    import lit_model.peft.checkpoint as checkpoint_io  # where merge_lora_checkpoint looks copy_support_files up
 
     run = make_lora_run(tmp_path)
     (tmp_path / "taken").mkdir()
@@ -313,7 +314,7 @@ def test_peft_export_errors(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match=r"already holds a Hugging Face checkpoint"):
         export(checkpoint_dir=run.lora_dir, output_dir=run.base_dir)
 
-    state = lora_state_dict(run.model)
+    state = adapter_state_dict(run.model)
     config, lora = run.model.config, LoRAConfig(r=4, alpha=8.0)
     uneven = {k: v for k, v in state.items() if not k.startswith("transformer.h.1.attn.value")}
     with pytest.raises(ValueError, match=r"LoRA targets different parts of qkv_proj in different layers"):

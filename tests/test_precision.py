@@ -111,7 +111,7 @@ def test_three_precisions_three_curves_and_32_true_is_fp32(stored, tiny_checkpoi
     """On a bf16 checkpoint, 32-true trains exactly as on the same weights stored in float32; bf16-mixed and
     bf16-true each give a curve of their own."""
     lora = load_script("finetune/lora.py")
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
 
     def curve(checkpoint: Path, precision: str, name: str) -> list[float]:
         out = tmp_path / name

@@ -10,16 +10,11 @@ import torch
 import torch.nn as nn
 
 from lit_model import GPT, Config
-from lit_model.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    count_parameters,
-    is_lora_key,
-    load_lora_state_dict,
-    lora_state_dict,
-    merge_lora,
-)
+from lit_model.peft.lora import LoRAConfig, LoRALinear, apply_lora, is_lora_key
+from lit_model.peft.checkpoint import load_adapters
+from lit_model.checkpoint_io import save_state_dict
+from lit_model.memory import count_parameters
+from lit_model.peft.base import adapter_state_dict, merge_adapters
 from lit_model.quantize import (
     QUANTIZE_MODES,
     dequantize_weight,
@@ -80,7 +75,7 @@ def test_quantize_then_lora_storage_dtypes_and_training_step(mode: str) -> None:
         assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
     # Embedding and head stay dense (and untouched); nothing but LoRA trains.
     assert model.transformer.wte.weight is wte and model.lm_head.weight is head and type(model.lm_head) is nn.Linear
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(adapter_state_dict(model))
     # Storage: 4 bits per value plus the block scales, vs 16 bits for bf16.
     bf16_bytes = 2 * sum(m.in_features * m.out_features for m in layers)
     data = sum(m.weight.nbytes for m in layers)
@@ -90,7 +85,7 @@ def test_quantize_then_lora_storage_dtypes_and_training_step(mode: str) -> None:
     # quantized_bytes adds each layer's lookup tables (16 values, and 256 for double quantization).
     assert data + scales < quantized_bytes(model)[0] <= data + scales + len(layers) * (64 + 1028 * (dq == "dq"))
     # Logical parameter counts match the dense model's.
-    lora_numel = sum(p.numel() for p in lora_state_dict(model).values())
+    lora_numel = sum(p.numel() for p in adapter_state_dict(model).values())
     assert count_parameters(model) == (lora_numel, sum(p.numel() for p in tiny().parameters()) + lora_numel)
     # Forward and backward run in bf16 and reach every adapter (B != 0, else A's gradient is zero).
     randomize_lora(model)
@@ -141,7 +136,7 @@ def test_parity_with_peft_on_a_4bit_llama() -> None:
                                                      target_modules=target_modules))
     ours_params = dict(ours.named_parameters())
     peft_lora = {k: p for k, p in theirs.named_parameters() if "lora_" in k}
-    assert len(peft_lora) == len(lora_state_dict(ours)) == 2 * 5 * 2
+    assert len(peft_lora) == len(adapter_state_dict(ours)) == 2 * 5 * 2
     with torch.no_grad():
         for key, p in peft_lora.items():
             p.normal_(0.0, 0.2)
@@ -176,16 +171,17 @@ def test_short_training_run_lowers_the_loss() -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_lora_state_dict_on_a_quantized_model() -> None:
+def test_lora_state_dict_on_a_quantized_model(tmp_path) -> None:
     model = apply_lora(quantize_model(tiny(), "bnb.fp4", torch.float32), LoRAConfig())
     randomize_lora(model)
-    sd = lora_state_dict(model)
+    sd = adapter_state_dict(model)
     assert sorted(sd) == sorted(f"transformer.h.{i}.attn.{n}.lora_{ab}" for i in (0, 1) for n in ("query", "value")
                                 for ab in "AB")
     assert all(v.dtype == torch.float32 for v in sd.values())
     other = apply_lora(quantize_model(tiny(), "bnb.fp4", torch.float32), LoRAConfig())
-    load_lora_state_dict(other, sd)
-    assert all(torch.equal(v, sd[k]) for k, v in lora_state_dict(other).items())
+    save_state_dict(sd, tmp_path / "lit_model.lora.pth")
+    load_adapters(other, tmp_path / "lit_model.lora.pth")
+    assert all(torch.equal(v, sd[k]) for k, v in adapter_state_dict(other).items())
 
 
 def test_merge_dequantizes() -> None:
@@ -195,7 +191,7 @@ def test_merge_dequantizes() -> None:
     randomize_lora(model)
     idx = torch.randint(0, 50, (2, 8))
     expected = model(idx)
-    merged = merge_lora(model)
+    merged = merge_adapters(model)
     assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("query", "fc_1")))
     assert not any(is_4bit(p) for p in merged.parameters())
     plain = GPT(merged.config)

@@ -81,7 +81,7 @@ def _demo_files(root: Path, n_train: int, n_val: int) -> DataArgs:
 def test_short_lora_run_lowers_the_validation_loss(smollm2, tmp_path, capsys) -> None:
     directory, _ = smollm2
     lora = load_script("finetune/lora.py")
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
 
     metrics = lora.setup(checkpoint_dir=directory, out_dir=tmp_path / "out", data=_demo_files(tmp_path, 160, 16),
                          train=TrainArgs(global_batch_size=4, micro_batch_size=4, max_steps=20, learning_rate=2e-3,
@@ -99,7 +99,7 @@ def test_short_lora_run_lowers_the_validation_loss(smollm2, tmp_path, capsys) ->
 def test_qlora_and_dropbp_run(smollm2, tmp_path, variant) -> None:
     directory, _ = smollm2
     lora = load_script("finetune/lora.py")
-    from lit_model.lora import LoRAConfig
+    from lit_model.peft.lora import LoRAConfig
 
     kwargs = dict(quantize="bnb.nf4", precision="bf16-true") if variant == "qlora" else dict(
         dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.0))

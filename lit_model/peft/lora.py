@@ -7,23 +7,31 @@ floating dtype (the compute dtype). Conventions follow peft: `scaling = alpha / 
 `lora_B` zero, so a fresh adapter leaves the model's output unchanged.
 
 Typical use: build the GPT, load its base weights (optionally `quantize_model`), then `apply_lora(model, config)`.
+`LoRALinear` implements `lit_model.peft.base.Adapter`; freezing, adapter state dicts and merging are written there,
+once for every adapter. W + (B @ A) * alpha / r is written once, in `lora_delta`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_model.checkpoint_io import preview
 from lit_model.model import GPT
-from lit_model.quantize import dequantize_weight, is_4bit, logical_numel
+from lit_model.peft.base import adapters, mark_only_adapters_trainable
+from lit_model.quantize import dequantize_weight, is_4bit
 
 LORA_KEYS = ("lora_A", "lora_B")
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The (out, in) update (B @ A) * scaling of A (r, in) and B (out, r), in float32 or wider (differentiable): the
+    one place the update is written, for the LM head's loss, merging, and folding saved adapters into a state dict."""
+    dtype = torch.promote_types(lora_a.dtype, torch.float32)
+    return (lora_b.to(dtype) @ lora_a.to(dtype)) * scaling
 
 
 @dataclass
@@ -80,6 +88,8 @@ class LoRAConfig:
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + dropout(x) A^T B^T * alpha / r, with W frozen (dense or 4-bit) and A (r, in), B (out, r).
+
+    An `Adapter` (lit_model.peft.base): its tensors are `KEYS`, its update `delta_weight()`.
 
     The module reuses the Parameter objects it is given for `weight` and `bias`, so wrapping a layer after its
     weights were loaded keeps them (and no copy is made). `merge()` folds B A into W and makes the forward skip the
@@ -142,9 +152,11 @@ class LoRALinear(nn.Module):
         # dequantizes to x's dtype, so the base matmul runs in the compute dtype the input arrives in.
         return bnb.matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
 
-    def lora_delta(self) -> torch.Tensor:
-        """The (out, in) update B @ A * scaling, in float32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+    KEYS = LORA_KEYS
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) update B @ A * scaling, in float32 (or float64 for float64 adapters)."""
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base output plus, unless merged, the low-rank update (computed in the LoRA dtype)."""
@@ -168,7 +180,7 @@ class LoRALinear(nn.Module):
             dense = dequantize_weight(self.weight)
             self.weight = nn.Parameter(dense.to(self.lora_A.dtype), requires_grad=False)
         # Add in float32 and round once: adding a bf16-rounded delta to a bf16 weight would round twice.
-        self.weight.copy_((self.weight.float() + self.lora_delta().float()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -176,7 +188,7 @@ class LoRALinear(nn.Module):
         """Take the update out of the base weight again (no-op when not merged)."""
         if not self.merged:
             return
-        self.weight.sub_(self.lora_delta().to(self.weight.dtype))
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -216,7 +228,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
             "LoRA on the LM head is not supported for models with tied embeddings (the head shares its weight with "
             "the token embedding, so merging would alter the embedding too). Set head=False."
         )
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if adapters(model):
         raise ValueError("apply_lora was already applied to this model; build a fresh model to change the adapters")
     for name in lora_target_names(model, config):
         parent_name, _, child = name.rpartition(".")
@@ -226,82 +238,10 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
             raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear (or a bitsandbytes Linear4bit)")
         lora = LoRALinear.from_linear(linear, r=config.r, alpha=config.alpha, dropout=config.dropout)
         setattr(parent, child, lora.train(linear.training))  # a model put in eval mode keeps its dropout off
-    mark_only_lora_as_trainable(model)
+    mark_only_adapters_trainable(model)
     return model
 
 
 def is_lora_key(key: str) -> bool:
-    """Whether a parameter / state-dict key names a LoRA tensor."""
+    """Whether a state-dict key names a LoRA tensor (for files, where there is no model to ask)."""
     return key.rpartition(".")[2] in LORA_KEYS
-
-
-def lora_filter(key: str, value: Any) -> bool:
-    """`fabric.save(..., filter={"model": lora_filter})`: keep only the LoRA tensors."""
-    return is_lora_key(key)
-
-
-def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    """requires_grad on the LoRA tensors, off on everything else (4-bit weights are never trainable anyway)."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_lora_key(name))
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors of `model`'s state dict (works with 4-bit base weights; they are left out)."""
-    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
-
-
-def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy LoRA tensors into `model` (which must have the same adapters); any missing, unexpected or mis-shaped key
-    raises, listing them all. The tensors are cast to the model's LoRA dtype and device."""
-    params = {k: p for k, p in model.named_parameters(remove_duplicate=False) if is_lora_key(k)}
-    missing = sorted(set(params) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(params))
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
-        for k, p in params.items()
-        if k in state_dict and state_dict[k].shape != p.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {preview(missing, 5)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {preview(unexpected, 5)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es) (a different r?): {preview(shapes, 5)}")
-    if problems:
-        raise ValueError(
-            "The LoRA checkpoint does not match the model's adapters: " + "; ".join(problems) + ". Build the model "
-            "with the LoRAConfig the checkpoint was trained with (saved in its hyperparameters.yaml)."
-        )
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state_dict[k])
-
-
-def merge_lora(model: GPT) -> GPT:
-    """Merge every adapter into its base weight and put plain `nn.Linear` layers back, in place.
-
-    The result has no LoRA keys and saves as a plain checkpoint. 4-bit base weights are dequantized (in the LoRA
-    compute dtype) by the merge, so a merged QLoRA model is a dense model.
-    """
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LoRALinear):
-            continue
-        module.merge()
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = module.weight
-        linear.bias = module.bias
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear)
-    return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit weight counts its logical (out * in) values, shared ones once."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = logical_numel(p)
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
