@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_model.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
-from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
+from lit_model.train.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.checkpoint_io import DEMO_CHECKPOINT
+from lit_model.train import FinetuneJob, run
+from lit_model.cli import script_main
 
 
 def setup(
@@ -52,7 +54,7 @@ def setup(
         badam: BAdam settings (--optimizer badam / badam_ratio).
     """
     job = FinetuneJob(
-        mode="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
         num_nodes=num_nodes, strategy=strategy, seed=seed,
         data=data, train=train, eval=eval, resume=resume, overwrite=overwrite, dropbp=dropbp,
         optimizer=optimizer, badam=badam, hparams=dict(locals()),

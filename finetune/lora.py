@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.train.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.peft.lora import LoRAConfig
-from lit_model.training import DEMO_CHECKPOINT, FinetuneJob, run, script_main
+from lit_model.checkpoint_io import DEMO_CHECKPOINT
+from lit_model.train import FinetuneJob, run
+from lit_model.cli import script_main
 
 
 def setup(
@@ -53,10 +55,9 @@ def setup(
         lora: LoRA rank, alpha, dropout and target layers.
     """
     job = FinetuneJob(
-        mode="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices,
-        num_nodes=num_nodes, strategy=strategy, seed=seed,
-        data=data, train=train, eval=eval, lora=lora, quantize=quantize, resume=resume, overwrite=overwrite, dropbp=dropbp,
-        hparams=dict(locals()),
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, devices=devices, num_nodes=num_nodes,
+        strategy=strategy, seed=seed, data=data, train=train, eval=eval, adapter=lora, quantize=quantize, resume=resume,
+        overwrite=overwrite, dropbp=dropbp, hparams=dict(locals()),
     )
     return run(job)
 

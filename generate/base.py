@@ -14,7 +14,8 @@ from lit_model.precision import autocast, canonical, default_precision, describe
 from lit_model.prompts import resolve_prompt_style
 from lit_model.sampling import generate_tokens
 from lit_model.tokenizer import Tokenizer
-from lit_model.training import DEMO_CHECKPOINT, script_main
+from lit_model.checkpoint_io import DEMO_CHECKPOINT
+from lit_model.cli import script_main
 
 
 def main(

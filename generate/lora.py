@@ -6,7 +6,7 @@ from pathlib import Path
 
 from base import main  # generate/base.py: this script's directory is first on sys.path when run as a script
 
-from lit_model.training import script_main
+from lit_model.cli import script_main
 
 if __name__ == "__main__":
     script_main(main, checkpoint_dir=Path("out/finetune/lora/final"))

@@ -28,7 +28,7 @@ Where we differ from that package, on purpose:
 
 On several devices the model is not wrapped in DDP (its gradient buckets, built once over the parameters that
 require grad, could not follow the block switches): the training loop all-reduces the gradients this optimizer
-steps instead (see `lit_model.training`).
+steps instead (see `lit_model.train.dist`).
 """
 
 from __future__ import annotations

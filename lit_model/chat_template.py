@@ -73,7 +73,7 @@ def render(
     """
     import jinja2
 
-    template = _compile(source)
+    template = compile_template(source)
     plain = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
     try:
         return template.render(messages=plain, add_generation_prompt=add_generation_prompt, **variables)
@@ -81,7 +81,7 @@ def render(
         raise ChatTemplateError(f"The chat template refused the conversation: {err}") from err
 
 
-def _compile(source: str) -> Any:
+def compile_template(source: str) -> Any:
     """The template compiled in the sandbox; syntax errors raise a ChatTemplateError."""
     import jinja2
     import jinja2.ext

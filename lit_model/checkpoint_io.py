@@ -4,7 +4,7 @@ A checkpoint directory holds `lit_model.pth` (a plain state dict, loadable with 
 weights_only=True)`), `model_config.yaml` and the tokenizer files. A LoRA fine-tune writes `lit_model.lora.pth` (the
 adapters only) and `hyperparameters.yaml` (its base model's directory and the LoRA settings) instead of
 `lit_model.pth`; `merge_lora_checkpoint` folds such a directory into a full one. Conversion to and from Hugging Face
-checkpoints lives in `lit_model.hf_convert`. Needs torch, yaml and (for .safetensors files) safetensors only.
+checkpoints lives in `lit_model.hf.convert`. Needs torch, yaml and (for .safetensors files) safetensors only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from lit_model.errors import (
 )
 from lit_model.integrity import CHECKSUMMED_NAMES, HashingWriter, add_missing_checksums, record_checksum, verify_file
 from lit_model.model import GPT
+from lit_model.precision import PRECISIONS, param_dtype
+from lit_model.tokenizer import TOKENIZER_FILES
 
+# The bundled demo model: the default --checkpoint_dir of the finetune and generate scripts.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 WEIGHTS_NAME = "lit_model.pth"
 CONFIG_NAME = "model_config.yaml"
 # Kept next to the weights: generation reads the stop tokens from it (lit_model.tokenizer lists it too).
@@ -266,8 +270,6 @@ def copy_support_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json that exist in `src` to `dst`; the names copied."""
     src, dst = Path(src), Path(dst)
     copied = []
-    from lit_model.tokenizer import TOKENIZER_FILES
-
     for name in dict.fromkeys((*TOKENIZER_FILES, GENERATION_CONFIG_NAME)):
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
             shutil.copy2(src / name, dst / name)
@@ -329,7 +331,7 @@ def compare_keys(
 ) -> tuple[list[str], list[str], list[str]]:
     """Keys missing from `found`, keys `expected` lacks, and "key: file (shape), model (shape)" for shape mismatches.
 
-    Shared with lit_model.hf_convert, as is `mismatch_message`.
+    Shared with lit_model.hf.convert, as is `mismatch_message`.
     """
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -393,8 +395,6 @@ def load_model(
 def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
     """A floating-point torch dtype from its name ("bfloat16", "torch.float16", ...) or a Fabric precision (its
     parameter dtype: "bf16-true" -> bfloat16, "32-true" and "bf16-mixed" -> float32); None stays None."""
-    from lit_model.precision import PRECISIONS, param_dtype
-
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype) in PRECISIONS:

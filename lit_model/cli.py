@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lit_model.errors import strip_unsafe_advice
+
 DEBUG_ENV = "LIT_DEBUG"
 USAGE_ERROR, FAILURE = 2, 1  # exit statuses
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
@@ -74,8 +76,6 @@ def is_user_error(err: BaseException) -> bool:
 
 def user_message(err: BaseException) -> str:
     """The text of a user error as shown: its message, without torch's unsafe loading advice."""
-    from lit_model.errors import strip_unsafe_advice
-
     if isinstance(err, OSError) and err.strerror and err.filename:  # FileNotFoundError(errno, text, name)
         text = f"{err.strerror}: {err.filename}"
     else:

@@ -1,4 +1,8 @@
-"""Model configuration: one plain dataclass, named presets (each with its source) and the HF `config.json` mapping."""
+"""Model configuration: one plain dataclass and named presets (each with its source).
+
+The Hugging Face `config.json` mapping, both ways, lives in `lit_model.hf.families`; this module only lists the
+model types it covers, so that `Config` can validate `hf_model_type` without importing it (the arrows point down).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any, Literal, Optional
 NormName = Literal["LayerNorm", "RMSNorm"]
 MLPName = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP"]
 
+# The Hugging Face model types lit_model.hf.families maps (it checks on import that this lists exactly its families).
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox", "gemma", "phi3")
 
 
@@ -107,7 +112,7 @@ class Config:
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ValueError(
                 f"Unknown model preset {name!r}.{hint} Valid presets: {', '.join(sorted(PRESETS))}. "
-                "For a checkpoint with no preset, convert it from its config.json (Config.from_hf_config)."
+                "For a checkpoint with no preset, convert it from its config.json (lit_model.hf.config_from_hf)."
             )
         kwargs = dict(PRESETS[name])
         kwargs.update(overrides)
@@ -154,98 +159,6 @@ class Config:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "Config":
-        """Map a Hugging Face `config.json` (as a dict) of a supported architecture to a Config."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_HF_MODEL_TYPES:
-            raise ValueError(
-                f"Unsupported model_type {model_type!r} in config.json. Supported: {', '.join(SUPPORTED_HF_MODEL_TYPES)}."
-            )
-        # transformers >= 5 nests rope_theta and the scaling inside `rope_parameters`; older files keep them flat.
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_base = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        n_head = hf["num_attention_heads"]
-        kw: dict[str, Any] = dict(
-            name=name or hf.get("_name_or_path", "").split("/")[-1],
-            hf_model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_embd=hf["hidden_size"],
-            n_query_groups=hf.get("num_key_value_heads") or n_head,
-            intermediate_size=hf["intermediate_size"],
-            block_size=hf.get("max_position_embeddings", 4096),
-            rope_base=float(rope_base),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("gemma",))),
-        )
-        if hf.get("head_dim"):
-            kw["head_size"] = hf["head_dim"]
-        if model_type == "gpt_neox":
-            kw.update(
-                norm_class_name="LayerNorm",
-                norm_eps=hf.get("layer_norm_eps", 1e-5),
-                mlp_class_name="GptNeoxMLP",
-                bias=True,
-                parallel_residual=hf.get("use_parallel_residual", True),
-                rotary_percentage=rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)),
-                gelu_approximate=_gelu_approximate(hf.get("hidden_act", "gelu")),
-            )
-        else:
-            kw.update(norm_eps=hf.get("rms_norm_eps", 1e-6), mlp_class_name="LLaMAMLP")
-            act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-            if model_type == "gemma":
-                if act == "gelu":  # transformers reads the official configs' legacy "gelu" as the tanh approximation
-                    act = "gelu_pytorch_tanh"
-                kw.update(mlp_class_name="GemmaMLP", norm_unit_offset=True, scale_embeddings=True,
-                          gelu_approximate=_gelu_approximate(act))
-            elif act != "silu":
-                raise ValueError(f"{model_type} with hidden_act {act!r} is not supported (expected 'silu')")
-            if model_type in ("llama", "mistral"):
-                kw["attn_bias"] = bool(hf.get("attention_bias", False))
-            if model_type == "qwen2":
-                kw["attn_bias"] = True
-            partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-            kw["rotary_percentage"] = float(partial)
-        window = hf.get("sliding_window")
-        if model_type == "qwen2":
-            # Qwen2 windows only the layers from max_window_layers on (or those layer_types names "sliding_attention").
-            n_layer = hf["num_hidden_layers"]
-            layer_types = hf.get("layer_types") or [
-                "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n_layer)
-            ]
-            windowed = [t == "sliding_attention" for t in layer_types]
-            if not hf.get("use_sliding_window", False) or not any(windowed):
-                window = None
-            elif not all(windowed):
-                raise ValueError(
-                    f"Qwen2 with a sliding window on {sum(windowed)} of {n_layer} layers is not supported (Config "
-                    "applies one window to every layer); set use_sliding_window false or max_window_layers 0"
-                )
-        if window and window < kw["block_size"]:
-            kw["sliding_window"] = int(window)
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "llama3":
-                kw["rope_adjustments"] = {
-                    "factor": float(scaling["factor"]),
-                    "low_freq_factor": float(scaling["low_freq_factor"]),
-                    "high_freq_factor": float(scaling["high_freq_factor"]),
-                    "original_max_seq_len": int(scaling["original_max_position_embeddings"]),
-                }
-            elif kind not in (None, "default"):
-                raise ValueError(f"RoPE scaling {kind!r} is not supported (only 'llama3' frequency scaling is)")
-        return cls(**kw)
-
-
-def _gelu_approximate(act: str) -> Literal["none", "tanh"]:
-    if act in ("gelu", "gelu_python"):
-        return "none"
-    if act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        return "tanh"
-    raise ValueError(f"Activation {act!r} is not supported for GELU MLPs")
 
 
 # ---- presets: name -> Config fields. The link is where each number was read from. -------------------------------

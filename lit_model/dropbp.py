@@ -295,6 +295,18 @@ def sample_prefix(flops: Sequence[float], target: float, step: int, generator: t
     return [m < cut for m in mids]
 
 
+def dropped_parameters(model: nn.Module, mask: Mask) -> list[torch.nn.Parameter]:
+    """Trainable parameters of the branches `mask` drops (norm and attention, norm and MLP): they get no gradient."""
+    branches = ({"norm_1", "attn"}, {"norm_2", "mlp"})
+    out = []
+    for block, drops in zip(model.transformer.h, mask):
+        for name, p in block.named_parameters():
+            if p.requires_grad and any(d and name.split(".", 1)[0] in b for d, b in zip(drops, branches)):
+                out.append(p)
+    return out
+
+
+
 # ---- the handler ---------------------------------------------------------------------------------------------------
 
 
@@ -673,6 +685,12 @@ class DropBPHandler:
                 out[f"dropbp/sensitivity/{name}"] = self.sensitivities[i]
             out[f"dropbp/flops/{name}"] = self.flops[i]
         return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the masks, as plain values: generator state, draws so far, realised counts, rates. Ranks that
+        must draw the same masks compare it (lit_model.train.dist.check_same_on_all_ranks)."""
+        return {"generator": self.generator.get_state().tolist(), "steps": self.steps,
+                "drop_counts": list(self.drop_counts), "drop_rates": list(self.drop_rates)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything resume needs to draw the same masks: generator state, rates, sensitivities, FLOPs, counts.

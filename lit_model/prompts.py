@@ -26,6 +26,10 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 import yaml
 
+from lit_model.chat_template import ChatTemplateError, find_chat_template, special_tokens
+from lit_model.chat_template import compile_template
+from lit_model.chat_template import render as render_template
+
 PROMPT_STYLE_FILE = "prompt_style.yaml"
 CHAT_TEMPLATE_STYLE = "chat_template"  # the name of a style built from a checkpoint's own chat template
 
@@ -83,9 +87,7 @@ class PromptStyle:
         # A YAML file gives a list; keep the frozen dataclass hashable and comparable.
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if self.chat_template:
-            from lit_model.chat_template import _compile
-
-            _compile(self.chat_template)  # a syntax error surfaces now, with the line, not at the first sample
+            compile_template(self.chat_template)  # a syntax error surfaces now, with the line, not at the first sample
             return
         problems = []
         if "{prompt}" not in self.template:
@@ -128,12 +130,10 @@ class PromptStyle:
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The chat template's text of a conversation (a style with a `chat_template` only)."""
-        from lit_model.chat_template import render
-
         if not self.chat_template:
             raise ValueError(f"Prompt style {self.name!r} has no chat template to render a conversation with")
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
-        return render(self.chat_template, messages, add_generation_prompt, **specials)
+        return render_template(self.chat_template, messages, add_generation_prompt, **specials)
 
     def response(self, prompt: str, input: str, output: str) -> str:
         """The text that follows `apply(prompt, input)` when the model answers `output`.
@@ -153,6 +153,78 @@ class PromptStyle:
                 "so the answer's tokens cannot be told apart. Pass a named --data.prompt_style instead."
             )
         return full[len(prefix):]
+
+    # ---- conversations (lists of {"role", "content"} messages; see lit_model.data.records) ------------------------
+
+    def prompt_text(self, conversation: Sequence[dict[str, Any]]) -> str:
+        """The text before the model's next answer, for a conversation that ends with the user's turn."""
+        if not conversation or conversation[-1].get("role") != "user":
+            raise ValueError("A prompt needs a conversation that ends with a user message")
+        return "".join(text for text, _ in self.segments([*conversation, {"role": "assistant", "content": ""}])[:-1])
+
+    def segments(self, conversation: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """The conversation's text in pieces, each with whether it is trained: the assistant's answers are, the rest
+        (system prompt, user turns, the template's markup) is not.
+
+        A chat template renders the conversation as transformers would; where each answer begins and ends is read off
+        the template's own output, rendering the growing conversation (up to each answer with the generation prompt,
+        then through the answer), never by searching the text. An answer's piece also holds the text the template
+        writes right after it (its end of turn), so the model learns to stop. A named style renders one turn (the
+        tokenizer appends EOS after the answer, `appends_eos`).
+        """
+        messages = self._with_system(conversation)
+        if not self.chat_template:
+            return self._named_segments(messages)
+        rendered = [self._template_message(m) for m in messages]
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(rendered):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(rendered[:i], add_generation_prompt=True)
+            through = self.render(rendered[: i + 1])
+            if not before.startswith(done) or not through.startswith(before):
+                raise ValueError(
+                    f"The chat template of prompt style {self.name!r} renders a conversation inconsistently: the text "
+                    f"up to answer {sum(1 for m in rendered[:i] if m['role'] == 'assistant') + 1} is not a prefix of "
+                    "the text through it, so the answer's tokens cannot be told apart. Pass a named "
+                    "--data.prompt_style instead."
+                )
+            pieces += [(before[len(done):], False), (through[len(before):], True)]
+            done = through
+        full = self.render(rendered)
+        if len(full) > len(done):
+            pieces.append((full[len(done):], False))
+        return [(text, trained) for text, trained in pieces if text or trained]
+
+    def _with_system(self, conversation: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation with the style's system prompt in front, unless it opens with its own."""
+        messages = [dict(m) for m in conversation]
+        if self.system and (not messages or messages[0].get("role") != "system"):
+            messages.insert(0, {"role": "system", "content": self.system})
+        return messages
+
+    @staticmethod
+    def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+        """A message as templates read it: an Alpaca input joins the instruction after a blank line."""
+        out = {k: v for k, v in message.items() if k != "input"}
+        if message.get("input"):
+            out["content"] = f"{message['content']}\n\n{message['input']}"
+        return out
+
+    def _named_segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """A named style's pieces for one turn: [system,] user, assistant."""
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        turn = messages[1:] if system is not None else messages
+        roles = [m["role"] for m in turn]
+        if roles != ["user", "assistant"]:
+            raise ValueError(
+                f"Prompt style {self.name!r} renders one user turn and its answer; got the roles {roles}. Use the "
+                "checkpoint's chat template (--data.prompt_style chat_template) for multi-turn conversations."
+            )
+        style = self if system is None or system == self.system else replace(self, system=system)
+        user, answer = turn
+        return [(style.apply(user["content"], user.get("input") or ""), False), (answer["content"], True)]
 
     @property
     def adds_bos(self) -> Optional[bool]:
@@ -211,8 +283,6 @@ class PromptStyle:
         Its stop strings are the special tokens the template writes after an answer (e.g. "<|im_end|>",
         "<|eot_id|>", "<end_of_turn>"), read off the template's own rendering of a probe conversation.
         """
-        from lit_model.chat_template import find_chat_template, special_tokens
-
         found = find_chat_template(checkpoint_dir)
         if found is None:
             return None
@@ -254,8 +324,6 @@ _SPECIAL_LOOKING = re.compile(r"<[^<>\s]+>|\[[^\[\]\s]+\]")
 
 def _end_of_turn_tokens(style: PromptStyle) -> tuple[str, ...]:
     """The special-looking tokens a chat template writes right after an assistant's answer."""
-    from lit_model.chat_template import ChatTemplateError
-
     try:
         answer = style.response("Hi", "", _PROBE)
     except (ChatTemplateError, ValueError):  # a template that refuses the probe: EOS alone stops generation

@@ -42,7 +42,7 @@ from lit_model.memory import model_memory, saved_tensor_bytes
 from lit_model.peft.lora import LoRAConfig
 from lit_model.memory import count_parameters
 from lit_model.precision import autocast, canonical, compute_dtype, param_dtype
-from lit_model.training import adamw
+from lit_model.train.setup import adamw
 
 # Peer name -> its module in scripts/ (on sys.path when this runs as a script), imported only when asked for, so that
 # a missing optional package matters only to whoever asks for that peer. Each module offers `require`,

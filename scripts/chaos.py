@@ -124,7 +124,7 @@ def _newest_loads(out_dir: Path) -> bool:
     """Whether the newest complete step checkpoint loads: its training state and its weights."""
     import torch
 
-    from lit_model import resume as ckpt
+    from lit_model.train import checkpoints as ckpt
 
     found = ckpt.list_checkpoints(out_dir)
     if not found:

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Optional
 
-from lit_model.gguf import convert_gguf_checkpoint as _convert
+from lit_model.hf.gguf import convert_gguf_checkpoint as _convert
 
 
 def convert_gguf_checkpoint(

@@ -6,7 +6,7 @@ With --gguf, convert a GGUF file (llama.cpp, Ollama) instead; see scripts/conver
 from pathlib import Path
 from typing import Optional
 
-from lit_model.hf_convert import convert_hf_checkpoint as _convert
+from lit_model.hf.convert import convert_hf_checkpoint as _convert
 
 
 def convert_hf_checkpoint(
@@ -39,7 +39,7 @@ def convert_hf_checkpoint(
                 "the model's label with scripts/convert_gguf_checkpoint.py --name)."
             )
         from lit_model.checkpoint_io import WEIGHTS_NAME
-        from lit_model.gguf import convert_gguf_checkpoint as convert_gguf
+        from lit_model.hf.gguf import convert_gguf_checkpoint as convert_gguf
 
         out = convert_gguf(gguf, checkpoint_dir, dtype=dtype)
         print(f"Wrote {out / WEIGHTS_NAME}, {out / 'model_config.yaml'} and the tokenizer files")

@@ -17,7 +17,8 @@ OUT / "base"), OUT / "adapter")`, computes the logits of our model.
 from pathlib import Path
 from typing import Optional
 
-from lit_model.hf_convert import export_hf_checkpoint, export_peft_adapter
+from lit_model.hf.convert import export_hf_checkpoint
+from lit_model.hf.peft_export import export_peft_adapter
 
 
 def convert_lit_checkpoint(

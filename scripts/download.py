@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lit_model.checkpoint_io import GENERATION_CONFIG_NAME, parse_dtype
-from lit_model.config import PRESETS, Config
-from lit_model.hf_convert import convert_hf_checkpoint
+from lit_model.config import PRESETS
+from lit_model.hf.convert import convert_hf_checkpoint
+from lit_model.hf.families import config_from_hf
 from lit_model.checkpoint_io import hf_weight_files
 from lit_model.tokenizer import TOKENIZER_FILES
 
@@ -51,7 +52,7 @@ def download(
     config_path = target / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{repo_id} has no config.json: it is not a transformers model repository.")
-    Config.from_hf_config(json.loads(config_path.read_text()))  # an unsupported architecture fails here, early
+    config_from_hf(json.loads(config_path.read_text()))  # an unsupported architecture fails here, early
     _fetch(repo_id, target, token, SAFETENSORS_PATTERNS)
     if not hf_weight_files(target):
         _fetch(repo_id, target, token, BIN_PATTERNS)

@@ -4,8 +4,8 @@
     python scripts/dropbp_study.py                        # the plan in STANDARD_PLAN (~90 min on a 2-core CPU)
     python scripts/dropbp_study.py --report_only true     # tables and plots from the runs done so far
 
-Every run is one fine-tuning job of lit_model.training (LoRA or full, on the digit tasks of lit_model.demo_tasks
-or the sentence tasks of lit_model.sentence_tasks) and leaves `OUT/results/<run>.json`; runs whose result exists are
+Every run is one fine-tuning job of lit_model.train (LoRA or full, on the digit tasks of lit_model.data.demo_tasks
+or the sentence tasks of lit_model.data.sentence_tasks) and leaves `OUT/results/<run>.json`; runs whose result exists are
 skipped, so the study resumes where it stopped and can be extended run by run. The report compares every DropBP
 run with the rate-0 run of the same mode, task and seed: final validation loss, held-out exact match, training time
 (steps and calibration only: start-up and evaluation are reported apart) and the time to reach a target training
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.train.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 
 # DropBP methods: name -> the --dropbp.* settings (besides the rate). "paper" is the published method.
 METHODS: dict[str, dict[str, Any]] = {
@@ -145,7 +145,7 @@ def run_one(run: Run, checkpoint_dir: Path, out_dir: Path, max_steps: int, batch
             exact_match: int) -> dict[str, Any]:
     """Train one run and collect its curves: training loss and validation loss against step and training time."""
     from lit_model.peft.lora import LoRAConfig
-    from lit_model.training import FinetuneJob, run as train
+    from lit_model.train import FinetuneJob, run as train
 
     data_dir = out_dir / "data" / run.task
     data = DataArgs(train_file=data_dir / "train.json", val_file=data_dir / "val.json")
@@ -153,7 +153,7 @@ def run_one(run: Run, checkpoint_dir: Path, out_dir: Path, max_steps: int, batch
         write_task(run.task, data_dir)
     dropbp = DropBPArgs(rate=run.rate, **(METHODS[run.method] if run.method != "baseline" else {}))
     job = FinetuneJob(
-        mode=run.mode, checkpoint_dir=checkpoint_dir, out_dir=out_dir / "runs" / run.name, precision="32-true",
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir / "runs" / run.name, precision="32-true",
         devices=1, seed=run.seed, data=data,
         train=TrainArgs(global_batch_size=batch_size, micro_batch_size=batch_size, max_steps=max_steps,
                         learning_rate=LEARNING_RATES[run.mode], lr_warmup_steps=max(1, max_steps // 20)),
@@ -161,7 +161,7 @@ def run_one(run: Run, checkpoint_dir: Path, out_dir: Path, max_steps: int, batch
         # the same for every run of a task.
         eval=EvalArgs(interval=eval_interval, max_iters=10, exact_match=exact_match, exact_match_before=False,
                       max_new_tokens=24),
-        lora=LoRAConfig(r=8, alpha=16, query=True, value=True, mlp=True) if run.mode == "lora" else None,
+        adapter=LoRAConfig(r=8, alpha=16, query=True, value=True, mlp=True) if run.mode == "lora" else None,
         dropbp=dropbp,
     )
     t0 = time.perf_counter()
@@ -175,11 +175,11 @@ def run_one(run: Run, checkpoint_dir: Path, out_dir: Path, max_steps: int, batch
 
 def write_task(task: str, data_dir: Path) -> None:
     if task == "digits":
-        from lit_model.demo_tasks import write_demo_dataset
+        from lit_model.data.demo_tasks import write_demo_dataset
 
         write_demo_dataset(data_dir)
     else:
-        from lit_model.sentence_tasks import write_sentence_dataset
+        from lit_model.data.sentence_tasks import write_sentence_dataset
 
         write_sentence_dataset(data_dir)
 

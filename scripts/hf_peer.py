@@ -1,7 +1,7 @@
 """The same model and training step in Hugging Face transformers (with PEFT for LoRA), for `benchmark.py --peer hf`.
 
 transformers is what most fine-tuning runs on, so it is the peer users compare with first. This module builds the
-transformers model of one of our configs from the config alone (`lit_model.hf_convert.hf_config_dict`:
+transformers model of one of our configs from the config alone (`lit_model.hf.families.hf_config_dict`:
 LlamaForCausalLM, Qwen2ForCausalLM, ...), copies our weights into it through the export map (`lit_to_hf`), and for
 LoRA wraps it with PEFT's `get_peft_model` (the same r, alpha and target modules, dropout 0) and copies our A and B
 matrices in. The step is the one `transformers.Trainer` runs: `model(input_ids, labels=...)` (transformers' own
@@ -54,7 +54,8 @@ def build(ours: GPT, lora: Optional[LoRAConfig], device: torch.device, dtype: to
     require()
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lit_model.hf_convert import hf_config_dict, lit_to_hf
+    from lit_model.hf.convert import lit_to_hf
+    from lit_model.hf.families import hf_config_dict
 
     config = ours.config
     hf = hf_config_dict(config, dtype)  # raises when the architecture cannot express the config
@@ -85,9 +86,9 @@ def build(ours: GPT, lora: Optional[LoRAConfig], device: torch.device, dtype: to
 
 def _in_memory(module: str, config: Any) -> str:
     """The name transformers >= 5 gives a module in memory (GPT-NeoX's `embed_out` became `lm_head`)."""
-    from lit_model.hf_convert import HF_LAYOUTS
+    from lit_model.hf.families import layout_of
 
-    return HF_LAYOUTS[config.hf_model_type].in_memory.get(module, module)
+    return layout_of(config).in_memory.get(module, module)
 
 
 def _enable_checkpointing(model: nn.Module, every: int) -> None:
@@ -108,7 +109,7 @@ def _with_lora(model: nn.Module, ours: GPT, lora: LoRAConfig) -> nn.Module:
     """PEFT's LoRA on the modules ours adapts, with our A and B values (so the same loss and gradients)."""
     from peft import LoraConfig, get_peft_model
 
-    from lit_model.hf_convert import hf_module
+    from lit_model.hf.convert import hf_module
 
     config = ours.config
     adapted = {name: m for name, m in ours.named_modules() if isinstance(m, LoRALinear)}

@@ -1,5 +1,5 @@
 """Make the bundled demo base model in `checkpoints/demo`: a byte-level BPE tokenizer and a tiny Llama-style GPT
-pretrained on the raw-text digit puzzles of `lit_model.demo_tasks` (never on instruction prompts).
+pretrained on the raw-text digit puzzles of `lit_model.data.demo_tasks` (never on instruction prompts).
 
 Reproduce the committed checkpoint (5 to 10 minutes on 2 shared CPU cores):
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_model import GPT, Config
-from lit_model.demo_tasks import (
+from lit_model.data.demo_tasks import (
     DEMO_N_PRETRAIN,
     DEMO_N_VAL,
     DEMO_SEED,
@@ -184,7 +184,7 @@ def prepare_demo(
 
     Args:
         out_dir: where `lit_model.pth`, `model_config.yaml`, the tokenizer files and `README.md` go.
-        n_facts: number of raw-text facts in the pretraining corpus (`lit_model.demo_tasks.pretraining_corpus`).
+        n_facts: number of raw-text facts in the pretraining corpus (`lit_model.data.demo_tasks.pretraining_corpus`).
         steps: optimizer steps of pretraining.
         batch_size: rows of `block_size` tokens per step.
         lr: peak AdamW learning rate (cosine schedule with warm-up).
@@ -255,12 +255,12 @@ def _readme(config: Config, n_params: int, n_facts: int, n_tokens: int, steps: i
 A tiny Llama-style model ({n_params:,} parameters, {config.n_layer} blocks, n_embd {config.n_embd}, {config.n_head}
 query heads sharing {config.n_query_groups} key/value heads, SwiGLU MLP of {config.intermediate_size}, RoPE,
 vocabulary {config.vocab_size}, block size {config.block_size}) with a byte-level BPE tokenizer, for the offline
-demo: `python finetune/lora.py` with no arguments fine-tunes it on the digit puzzles of `lit_model/demo_tasks.py`.
+demo: `python finetune/lora.py` with no arguments fine-tunes it on the digit puzzles of `lit_model/data/demo_tasks.py`.
 
 **What it knows.** It was pretrained on {n_facts:,} raw-text facts ({n_tokens:,} tokens) in several phrasings,
 such as `reverse of 4721 is 1274`, `4721 sorted is 1247`, `23 + 45 = 68`, `largest digit of 4721 is 7`,
 `after 4721 comes 4722`, each between `<s>` and `</s>`; it has never seen an instruction prompt. Its corpus uses only
-training-split operands (`lit_model.demo_tasks.split_of`), so validation questions are new to it. Measured on
+training-split operands (`lit_model.data.demo_tasks.split_of`), so validation questions are new to it. Measured on
 held-out operands at the end of pretraining (greedy exact match, teacher-forced in one batch):
 
 | prompt                                                  | exact match       |

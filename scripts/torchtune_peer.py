@@ -3,7 +3,7 @@
 torchtune (PyTorch's own fine-tuning library) builds its Llama from component builders; this module uses
 `torchtune.models.llama3.llama3` (or `lora_llama3`, the same r, alpha and targets, dropout 0) with our config's
 shapes and RoPE base, and brings our weights in the way torchtune loads a Hugging Face checkpoint: our export map
-(`lit_model.hf_convert.lit_to_hf`) then torchtune's own `convert_weights.hf_to_tune`, which permutes the query and
+(`lit_model.hf.convert.lit_to_hf`) then torchtune's own `convert_weights.hf_to_tune`, which permutes the query and
 key rows from the half-split RoPE layout into torchtune's interleaved one (so our LoRA B rows of query and key are
 permuted alike). The step is its `lora_finetune_single_device.py` / `full_finetune_*.py` recipes' `_loss_step`:
 logits in 8 chunks (`set_num_output_chunks`), `CEWithChunkedOutputLoss`, backward, and the optimizer of its Llama
@@ -87,7 +87,7 @@ def build(ours: GPT, lora: Optional[LoRAConfig], device: torch.device, dtype: to
     from torchtune.models.llama3 import llama3, lora_llama3
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-    from lit_model.hf_convert import lit_to_hf
+    from lit_model.hf.convert import lit_to_hf
 
     config = ours.config
     check_config(config)

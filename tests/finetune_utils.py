@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lit_model import GPT, Config
-from lit_model.args import DataArgs, TrainArgs
+from lit_model.train.args import DataArgs, TrainArgs
 from tests.tokenizer_utils import make_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

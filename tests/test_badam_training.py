@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_model.args import BAdamArgs, DropBPArgs, EvalArgs
+from lit_model.train.args import BAdamArgs, DropBPArgs, EvalArgs
 from tests.finetune_utils import data_args, load_script, short_train, tiny_checkpoint  # noqa: F401 (fixture)
 
 

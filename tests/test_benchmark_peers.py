@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_model import GPT, Config
-from lit_model.hf_convert import hf_module, lit_to_hf
+from lit_model.hf.convert import hf_module, lit_to_hf
 from lit_model.peft.lora import LoRAConfig, LoRALinear, apply_lora
 from lit_model.memory import count_parameters
 from lit_model.precision import param_dtype

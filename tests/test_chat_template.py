@@ -143,7 +143,7 @@ def test_training_uses_saves_and_prints_the_checkpoints_template(tiny_checkpoint
     generate on the fine-tuned checkpoint."""
     import shutil
 
-    from lit_model.args import DataArgs, EvalArgs
+    from lit_model.train.args import DataArgs, EvalArgs
 
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, d)

@@ -47,7 +47,7 @@ def fit(learning_rate: float = 1e-3, steps: int = 3, name: str = "x", dropbp: Ra
     if name == "exists":
         raise FileExistsError("out exists and is not empty: pass another --output_dir")
     if name == "ours":
-        from lit_model.training import NonFiniteLossError
+        from lit_model.train.loop import NonFiniteLossError
 
         raise NonFiniteLossError("The loss became nan at step 3")
     if name == "unsafe":
@@ -125,7 +125,7 @@ def test_defaults_precision_and_flush_are_kept(monkeypatch) -> None:
 
 
 def test_a_runs_hyperparameters_yaml_is_accepted_as_config(tmp_path: Path, monkeypatch, capsys) -> None:
-    from lit_model.training import _plain
+    from lit_model.train.state import _plain
 
     script = load_script("finetune/lora.py")
     jobs = []
@@ -144,7 +144,7 @@ def test_a_runs_hyperparameters_yaml_is_accepted_as_config(tmp_path: Path, monke
         "train.an_old_setting, mode, metrics"
     ]
     again = jobs[-1]
-    assert again.train == first.train and again.lora == first.lora and again.out_dir == first.out_dir
+    assert again.train == first.train and again.adapter == first.adapter and again.out_dir == first.out_dir
     assert again.precision == "32-true" and Path(again.checkpoint_dir) == Path(first.checkpoint_dir).resolve()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lit_model.config import PRESETS, SUPPORTED_HF_MODEL_TYPES, Config
+from lit_model.hf.families import config_from_hf
 
 REQUIRED_FAMILIES = [
     "Llama-2-7b-hf", "Llama-2-13b-hf", "Llama-2-70b-hf", "Llama-2-7b-chat-hf", "Meta-Llama-3-8B", "Meta-Llama-3-70B",
@@ -73,11 +74,11 @@ def test_yaml_round_trip(tmp_path) -> None:
 
 def test_from_hf_config_rejects_unsupported_architectures() -> None:
     with pytest.raises(ValueError, match="Unsupported model_type 'bert'.*Supported: llama, mistral, qwen2"):
-        Config.from_hf_config({"model_type": "bert"})
+        config_from_hf({"model_type": "bert"})
     base = dict(model_type="llama", vocab_size=10, num_hidden_layers=1, num_attention_heads=2, hidden_size=8,
                 intermediate_size=16)
     with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported"):
-        Config.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_every_preset_is_valid() -> None:

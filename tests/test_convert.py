@@ -123,7 +123,7 @@ def test_sharded_safetensors_stream_one_shard_at_a_time(tmp_path: Path, monkeypa
     import safetensors
     import safetensors.torch
 
-    import lit_model.hf_convert as hf_convert
+    import lit_model.hf.convert as hf_convert
 
     hf_model, directory = make_hf_model("llama", tmp_path, save_kwargs=dict(max_shard_size="20KB"))
     weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
@@ -313,7 +313,7 @@ def test_pickled_module_is_refused(tmp_path: Path) -> None:
 
 def test_export_refuses_what_it_cannot_express(tmp_path: Path) -> None:
     from lit_model.checkpoint_io import save_state_dict
-    from lit_model.hf_convert import hf_config_dict
+    from lit_model.hf.families import hf_config_dict
 
     _, directory = make_hf_model("llama", tmp_path)
     ours = convert(directory)

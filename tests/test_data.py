@@ -326,7 +326,7 @@ class RecordingTokenizer:
 
 def uncut(monkeypatch: pytest.MonkeyPatch, *args, **kwargs) -> SFTDataset:
     """The dataset as it was before huge fields were cut: every text tokenized whole."""
-    import lit_model.data as data
+    import lit_model.data.sft as data
 
     with monkeypatch.context() as m:
         m.setattr(data, "CHARS_PER_TOKEN_BUDGET", 10**12)
@@ -412,7 +412,7 @@ def test_invalid_text_names_the_file_the_line_and_the_field(tmp_path: Path, bpe:
 
 
 def test_jsonl_is_streamed_and_big_inputs_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lit_model.data as data
+    import lit_model.data.records as data
 
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")

@@ -1,4 +1,4 @@
-"""The demo task set (lit_model.demo_tasks) and the bundled demo checkpoint (checkpoints/demo)."""
+"""The demo task set (lit_model.data.demo_tasks) and the bundled demo checkpoint (checkpoints/demo)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lit_model import GPT, Config
-from lit_model import demo_tasks as dt
+from lit_model.data import demo_tasks as dt
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
 

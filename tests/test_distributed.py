@@ -22,8 +22,8 @@ import pytest
 import torch
 import yaml
 
-from lit_model import resume as ckpt
-from lit_model.args import BAdamArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.train import checkpoints as ckpt
+from lit_model.train.args import BAdamArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.data import BatchIterator
 from lit_model.peft.lora import LoRAConfig
 from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
@@ -142,7 +142,7 @@ def test_distributed_argument_errors(tiny_checkpoint, tmp_path) -> None:
 
 
 def test_diverging_ranks_are_reported(monkeypatch) -> None:
-    import lit_model.training as training
+    import lit_model.train.dist as training
 
     class TwoRanks:
         world_size = 2
@@ -243,7 +243,7 @@ def recorded(self):
 DropBPHandler.set_dropped_layers = recorded
 # Not runpy: it would set sys.argv[0] to the script, and Fabric starts the other ranks by re-running sys.argv.
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "finetune"))
-from lit_model.training import script_main
+from lit_model.cli import script_main
 script_main(__import__(os.environ["SCRIPT"]).setup)
 '''
 
@@ -261,7 +261,7 @@ def test_ddp_masks_and_calibrated_rates_are_identical_on_every_rank(tiny_checkpo
     driver, logs = mask_recorder(tmp_path)
     # Calibration before the first step (0.1 x 4 steps rounds down to 0), so that both runs measure the base model,
     # on the next 2 micro-batches of 2 samples: one per rank, their sensitivities summed over the ranks.
-    dropbp = {"rate": 0.5, "sensitivity_at": 0.1, "sensitivity_samples": 2}
+    dropbp = {"rate": 0.5, "method": "paper", "sensitivity_at": 0.1, "sensitivity_samples": 2}
     launch(tiny_checkpoint, tmp_path / "ddp", driver=driver, env={"MASK_LOG": str(logs)}, dropbp=dropbp)
     ranks = [[json.loads(line) for line in (logs / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
     assert len(ranks[0]) == 8 and ranks[0] == ranks[1]  # 4 steps x 2 micro-batches, the same draws on both ranks
@@ -337,7 +337,7 @@ def test_fsdp_equals_one_process_saves_full_checkpoints_and_resumes(mode, tiny_c
 CRASH = '''
 import os, sys
 import torch.distributed as dist
-import lit_model.resume as resume
+import lit_model.train.checkpoints as resume
 
 write = resume.write_checkpoint
 
@@ -350,7 +350,7 @@ def write_then_die(target, contents):
 resume.write_checkpoint = write_then_die
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "finetune"))
 from full import setup
-from lit_model.training import script_main
+from lit_model.cli import script_main
 script_main(setup)
 '''
 
@@ -373,8 +373,8 @@ def test_a_rank_dying_mid_save_keeps_the_last_checkpoint_and_resume_continues(ti
     resumed = launch(tiny_checkpoint, out, train=train, resume="auto")
     assert "Resumed from" in resumed.stdout and "step-000002 at step 2 of 6" in resumed.stdout
     run_here(tiny_checkpoint, tmp_path / "one", train={**train, "micro_batch_size": 4})
-    one, ddp = logged_losses(tmp_path / "one"), logged_losses(out)  # the killed run's metrics were still buffered: lost
-    assert sorted(ddp) == [3, 4, 5, 6] and all(ddp[k] == pytest.approx(one[k], abs=1e-5) for k in ddp)
+    one, ddp = logged_losses(tmp_path / "one"), logged_losses(out)  # one metrics.csv, continued after the crash
+    assert sorted(ddp) == [1, 2, 3, 4, 5, 6] and all(ddp[k] == pytest.approx(one[k], abs=1e-5) for k in ddp)
     wa, wb = final_weights(tmp_path / "one"), final_weights(out)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
@@ -400,7 +400,8 @@ def _bench(n_layer: int, n_embd: int, steps: int, seq_len: int, out_file: str) -
     from lit_model import GPT, Config
     from lit_model.dropbp import DropBPHandler
     from lit_model.loss import chunked_cross_entropy, lm_head_weight
-    from lit_model.training import LossInForward, dropped_parameters, zero_gradient_term
+    from lit_model.train.dist import LossInForward, zero_gradient_term
+    from lit_model.dropbp import dropped_parameters
 
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
     fabric.launch()

@@ -704,7 +704,7 @@ def test_warmup_ramps_the_rates_from_zero(sampler: str) -> None:
 
 
 def test_dropbp_args_reject_prefix_with_sensitivity() -> None:
-    from lit_model.args import DropBPArgs
+    from lit_model.train.args import DropBPArgs
 
     problems = DropBPArgs(rate=0.5, sampler="prefix", sensitivity_at=0.1, warmup=1.5).problems()
     assert any("takes its per-branch rates from its cut" in p for p in problems)
@@ -732,7 +732,7 @@ def test_training_steps_equal_the_official_formulation_with_fused_adamw() -> Non
     import copy
 
     from lit_model.peft.lora import LoRAConfig, apply_lora
-    from lit_model.training import dropped_parameters
+    from lit_model.dropbp import dropped_parameters
 
     ours = apply_lora(tiny(LLAMA, n_layer=3), LoRAConfig(r=2, alpha=4, dropout=0.2, query=True, value=True, mlp=True))
     reference = copy.deepcopy(ours)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from lit_model import resume as ckpt
-from lit_model.args import DropBPArgs, EvalArgs
+from lit_model.train import checkpoints as ckpt
+from lit_model.train.args import DropBPArgs, EvalArgs
 from tests.finetune_utils import data_args, load_script, short_train, tiny_checkpoint  # noqa: F401 (fixture)
 
 
@@ -21,7 +21,7 @@ def run(mode: str, ckpt_dir, out, dropbp: DropBPArgs, **kw):
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_every_mode_calibrates_and_saves_rates(mode, tiny_checkpoint, tmp_path, capsys) -> None:
-    metrics = run(mode, tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, sensitivity_at=0.25),
+    metrics = run(mode, tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, method="paper", sensitivity_at=0.25),
                   train=short_train(max_steps=4, activation_checkpointing=1))
     assert torch.isfinite(torch.tensor(metrics["val_loss"]))
     out = capsys.readouterr().out
@@ -34,12 +34,12 @@ def test_every_mode_calibrates_and_saves_rates(mode, tiny_checkpoint, tmp_path, 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_low_precision_with_dropbp(precision, tiny_checkpoint, tmp_path) -> None:
-    metrics = run("lora", tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, allocator="flops"), precision=precision)
+    metrics = run("lora", tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, method="paper", allocator="flops"), precision=precision)
     assert torch.isfinite(torch.tensor(metrics["val_loss"]))
 
 
 def test_resume_with_dropbp_reproduces_masks_and_weights(tiny_checkpoint, tmp_path) -> None:
-    args = DropBPArgs(rate=0.5, sensitivity_at=0.5)
+    args = DropBPArgs(rate=0.5, method="paper", sensitivity_at=0.5)
     train = short_train(max_steps=4, save_interval=1, activation_checkpointing=1)
     run("full", tiny_checkpoint, tmp_path / "a", args, train=train)
     for resume_at in ("step-000001", "step-000003"):  # before and after the calibration at step 2
@@ -74,18 +74,21 @@ def test_dropbp_argument_errors(tiny_checkpoint, tmp_path) -> None:
 def test_scale_lr_gives_each_branch_lr_over_one_minus_its_rate(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     """--dropbp.scale_lr: one optimizer group per branch, whose learning rate is the schedule's times 1 / (1 - p) for
     the branch's rate in force (prefix rates here, differing per branch), capped at max_lr_scale."""
-    import lit_model.training as training
+    import importlib
+
+    run_module = importlib.import_module("lit_model.train.run")  # the module (the package's `run` is the function)
+    from lit_model.train.setup import lr_schedule
 
     seen = {}
-    original = training.fit
+    original = run_module.fit
 
-    def capture(session, loop, save):
-        original(session, loop, save)
+    def capture(session, loop):
+        original(session, loop)
         seen["groups"] = [(g["dropbp_branch"], g["lr"]) for g in session.optimizer.param_groups]
         seen["rates"] = list(session.dropbp.drop_rates)
-        seen["lr"] = training.lr_schedule(session.job.train, loop.max_steps)(loop.step) * session.job.train.learning_rate
+        seen["lr"] = lr_schedule(session.job.train, loop.max_steps)(loop.step) * session.job.train.learning_rate
 
-    monkeypatch.setattr(training, "fit", capture)
+    monkeypatch.setattr(run_module, "fit", capture)
     run("lora", tiny_checkpoint, tmp_path, DropBPArgs(rate=0.5, sampler="prefix", sensitivity_at=0.0, scale_lr=True,
                                                       max_lr_scale=3.0))
     branches = [b for b, _ in seen["groups"]]

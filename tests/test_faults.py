@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_model import resume as ckpt
+from lit_model.train import checkpoints as ckpt
 from lit_model.peft.lora import LoRAConfig
 from tests.finetune_utils import final_weights, logged_losses, short_train, tiny_checkpoint  # noqa: F401
 from tests.test_resume import run
@@ -20,7 +20,7 @@ from tests.test_resume import run
 def test_ctrl_c_inside_the_optimizer_update_still_resumes_exactly(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     """SIGINT arrives after the weights changed but before the step counter, RNG and data position do: the save
     must describe one state (here: after the step), so the resumed run equals the straight one bit for bit."""
-    import lit_model.training as training
+    import lit_model.train.setup as training  # where build_session looks make_optimizer up
 
     run("full", tiny_checkpoint, tmp_path / "straight", train=short_train(max_steps=5))
     original = training.make_optimizer
@@ -121,7 +121,7 @@ def test_resume_refuses_a_checkpoint_past_the_end_and_another_base(tiny_checkpoi
 
 
 def test_demo_data_is_written_whole_and_only_when_it_changed(tmp_path) -> None:
-    from lit_model.demo_tasks import write_demo_dataset
+    from lit_model.data.demo_tasks import write_demo_dataset
 
     train, val = write_demo_dataset(tmp_path)
     stamp = train.stat().st_mtime_ns

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from lit_model.args import DataArgs, EvalArgs, TrainArgs
+from lit_model.train.args import DataArgs, EvalArgs, TrainArgs
 from tests.finetune_utils import ROOT, data_args, load_script, short_train, tiny_checkpoint  # noqa: F401 (fixture)
 
 

@@ -1,4 +1,4 @@
-"""GGUF import (lit_model.gguf, lit_model.gguf_tokenizer, the scripts), against transformers' own GGUF loader.
+"""GGUF import (lit_model.hf.gguf, lit_model.hf.gguf_tokenizer, the scripts), against transformers' own GGUF loader.
 
 Hermetic tests write tiny random Hugging Face models as GGUF files the way llama.cpp's converter does
 (tests/gguf_utils.py) and check our conversion weight for weight, logit for logit and token for token against what
@@ -19,8 +19,8 @@ import torch
 
 from lit_model.checkpoint_io import load_model, load_state_dict
 from lit_model.config import Config
-from lit_model.gguf import convert_gguf_checkpoint, open_gguf, supported_quant_types
-from lit_model.hf_convert import hf_to_lit
+from lit_model.hf.convert import hf_to_lit
+from lit_model.hf.gguf import convert_gguf_checkpoint, open_gguf, supported_quant_types
 from lit_model.tokenizer import Tokenizer
 from tests.gguf_utils import CHAT_TEMPLATE, tiny_llama, write_gguf
 from tests.hf_models import load_script, random_tokens
@@ -313,7 +313,7 @@ def test_missing_embedding(llama, bpe_dir: Path, tmp_path: Path) -> None:
     ],
 )
 def test_broken_vocabulary(changes: dict, match: str) -> None:
-    from lit_model.gguf_tokenizer import gguf_tokenizer
+    from lit_model.hf.gguf_tokenizer import gguf_tokenizer
 
     metadata = {
         "tokenizer.ggml.model": "gpt2",
@@ -354,7 +354,7 @@ def test_gguf_package_is_imported_only_when_used(llama, bpe_dir: Path, tmp_path:
     import sys
 
     code = (
-        "import sys, lit_model.gguf, lit_model.gguf_tokenizer\nprint(sorted({'gguf', 'tokenizers'} & {*sys.modules}))"
+        "import sys, lit_model.hf.gguf, lit_model.hf.gguf_tokenizer\nprint(sorted({'gguf', 'tokenizers'} & {*sys.modules}))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     path = write_gguf(llama, bpe_dir, tmp_path / "tiny.gguf")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_model import resume as ckpt
+from lit_model.train import checkpoints as ckpt
 from lit_model.checkpoint_io import load_checkpoint, load_model, load_state_dict, save_checkpoint_dir, save_state_dict
 from lit_model.config import Config
 from lit_model.errors import CorruptFileError

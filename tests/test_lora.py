@@ -18,6 +18,7 @@ from lit_model.memory import count_parameters
 from lit_model.checkpoint_io import save_state_dict
 from lit_model.peft.base import adapter_keys, adapter_state_dict, merge_adapters
 from lit_model.peft.checkpoint import load_adapters
+from lit_model.hf.families import config_from_hf
 
 LLAMA = dict(n_layer=2, n_head=4, n_embd=32, n_query_groups=2, intermediate_size=48, vocab_size=50, block_size=32)
 NEOX = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=32, parallel_residual=True, bias=True,
@@ -185,7 +186,7 @@ def test_apply_errors() -> None:
 
 def hf_llama_to_gpt(hf_model: nn.Module) -> GPT:
     """A GPT with the HF Llama's weights (the name map is written out here; the real converter lives elsewhere)."""
-    config = Config.from_hf_config(hf_model.config.to_dict())
+    config = config_from_hf(hf_model.config.to_dict())
     model = GPT(config)
     per_layer = {
         "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",

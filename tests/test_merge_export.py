@@ -298,7 +298,7 @@ def test_peft_adapter_loads_onto_the_exported_base(variant: str, lora: dict, ran
 
 
 def test_peft_export_errors(tmp_path: Path) -> None:
-    from lit_model.hf_convert import peft_adapter
+    from lit_model.hf.peft_export import peft_adapter
 
     run = make_lora_run(tmp_path, "phi3")
     with pytest.raises(ValueError, match=r"hf-phi3 is not a LoRA checkpoint: it has no lit_model\.lora\.pth"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_model.args import EvalArgs
+from lit_model.train.args import EvalArgs
 from lit_model.checkpoint_io import load_model
 from lit_model.model import GPT
 from lit_model.precision import autocast, canonical, compute_dtype, describe, param_dtype

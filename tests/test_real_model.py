@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_model.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.train.args import DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.checkpoint_io import load_model
 from lit_model.prompts import resolve_prompt_style
 from lit_model.sampling import generate
@@ -69,7 +69,7 @@ def test_greedy_chat_generation_equals_transformers(smollm2, hf, capsys) -> None
 
 
 def _demo_files(root: Path, n_train: int, n_val: int) -> DataArgs:
-    from lit_model.demo_tasks import write_demo_dataset
+    from lit_model.data.demo_tasks import write_demo_dataset
 
     train, val = write_demo_dataset(root)
     records = json.loads(train.read_text())[:n_train]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_model import resume as ckpt
-from lit_model.args import EvalArgs
-from lit_model.training import NonFiniteLossError
+from lit_model.train import checkpoints as ckpt
+from lit_model.train.args import EvalArgs
+from lit_model.train.loop import NonFiniteLossError
 from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
     data_args, final_weights, load_script, logged_losses, short_train, tiny_checkpoint,
 )
@@ -43,7 +43,7 @@ def test_resume_continues_as_if_never_interrupted(mode, tiny_checkpoint, tmp_pat
 
 def test_ctrl_c_saves_then_auto_resume_finishes_the_same(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     run("lora", tiny_checkpoint, tmp_path / "straight", train=short_train(max_steps=4))
-    import lit_model.training as training
+    import lit_model.train.loop as training  # where fit looks log_step up
 
     original = training.log_step
 

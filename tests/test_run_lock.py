@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lit_model.run_lock import LOCK_NAME, OutDirInUseError, OutDirLock, RunLockWarning, rank_from_env
+from lit_model.train.lock import LOCK_NAME, OutDirInUseError, OutDirLock, RunLockWarning, rank_from_env
 
 REPO = Path(__file__).resolve().parents[1]
-# Loads run_lock.py by its path: it needs the standard library only, and importing the package would import torch.
+# Loads lit_model/train/lock.py by its path: it needs the standard library only, and importing the package would import torch.
 HOLDER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
@@ -80,7 +80,7 @@ def test_only_rank_zero_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_another_process_holding_the_lock_blocks_until_it_exits_or_dies(tmp_path: Path) -> None:
     for end in ("exit", "kill"):
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(REPO / "lit_model/run_lock.py")],
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(REPO / "lit_model/train/lock.py")],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "locked"

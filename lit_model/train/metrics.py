@@ -39,7 +39,7 @@ class MetricsCSV(Logger):
     @rank_zero_only
     def begin(self, resume_step: Optional[int] = None) -> None:
         """Start the file: fresh (None; an earlier file is replaced, since a fresh run into a used directory is
-        refused before this, see lit_model.training), or continued after `resume_step`, dropping later rows."""
+        refused before this, see lit_model.train.run), or continued after `resume_step`, dropping later rows."""
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as f:
                 reader = csv.DictReader(f)

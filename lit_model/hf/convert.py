@@ -1,10 +1,10 @@
-"""Hugging Face checkpoints both ways: weight maps, config.json, conversion in, export out (full models and PEFT).
+"""Hugging Face checkpoints both ways: weight names in and out, conversion in, export out.
 
-The weight maps below are tables of module names only; the leaf (`weight`, `bias`) carries through. Two HF
-architectures fuse projections that we keep apart (GPT-NeoX's `query_key_value`, Phi-3's `qkv_proj` and
-`gate_up_proj`): they are split on import and fused on export. LoRA checkpoints export either merged (a full HF model)
-or as a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) for the exported base model; see
-`peft_adapter`. Needs torch, safetensors and yaml only (never transformers or peft); safetensors is imported where used.
+The weight maps are the families' layouts (`lit_model.hf.families`): tables of module names only; the leaf (`weight`,
+`bias`) carries through. Two HF architectures fuse projections that we keep apart (GPT-NeoX's `query_key_value`,
+Phi-3's `qkv_proj` and `gate_up_proj`): they are split on import and fused on export. A LoRA checkpoint exports merged
+here (a full HF model); as a PEFT adapter see `lit_model.hf.peft_export`. Needs torch, safetensors and yaml only
+(never transformers or peft); safetensors is imported where used.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -33,104 +33,16 @@ from lit_model.checkpoint_io import (
     preview,
     save_state_dict,
 )
-from lit_model.peft.checkpoint import (
-    is_lora_checkpoint,
-    load_lora_weights,
-    lora_support_dir,
-    merge_lora_weights,
-    read_lora_checkpoint,
-)
 from lit_model.config import PRESETS, Config
+from lit_model.hf.families import config_from_hf, hf_config_dict, layout_of
 from lit_model.model import GPT
+from lit_model.peft.checkpoint import is_lora_checkpoint, lora_support_dir, merge_lora_weights, read_lora_checkpoint
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-# ---- Hugging Face weight maps ---------------------------------------------------------------------------------------
+# ---- weight names ---------------------------------------------------------------------------------------------------
 
 
 class UnknownTensorError(ValueError):
     """A Hugging Face tensor name that the weight map of its architecture does not know."""
-
-
-@dataclass(frozen=True)
-class HFLayout:
-    """How one Hugging Face architecture names its weights, as module names (the leaf carries through)."""
-
-    top: Mapping[str, str]  # HF module -> ours, outside the blocks
-    layers: str  # HF prefix of the block list; block i's modules are f"{layers}.{i}.{module}"
-    layer: Mapping[str, str]  # HF module inside a block -> ours
-    # HF module inside a block -> ours that it packs, in row order
-    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # GPT-NeoX packs q, k, v per head: rows (n_head, 3, head_size). Phi-3 simply stacks [q; k; v] and [gate; up].
-    per_head_qkv: bool = False
-    ignored: tuple[str, ...] = ()  # suffixes of HF tensors that are buffers, not weights
-    # HF module in the files -> in memory, where transformers >= 5 renames it on load; PEFT adapters name modules
-    # as they are in memory.
-    in_memory: Mapping[str, str] = field(default_factory=dict)
-
-
-_LLAMA_TOP = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
-_LLAMA_BLOCK = {
-    "input_layernorm": "norm_1",
-    "self_attn.q_proj": "attn.query",
-    "self_attn.k_proj": "attn.key",
-    "self_attn.v_proj": "attn.value",
-    "self_attn.o_proj": "attn.proj",
-    "post_attention_layernorm": "norm_2",
-    "mlp.gate_proj": "mlp.fc_1",
-    "mlp.up_proj": "mlp.fc_2",
-    "mlp.down_proj": "mlp.proj",
-}
-_LLAMA = HFLayout(_LLAMA_TOP, "model.layers", _LLAMA_BLOCK, ignored=("rotary_emb.inv_freq",))
-_PHI3 = HFLayout(
-    _LLAMA_TOP,
-    "model.layers",
-    {
-        "input_layernorm": "norm_1",
-        "self_attn.o_proj": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.down_proj": "mlp.proj",
-    },
-    fused={
-        "self_attn.qkv_proj": ("attn.query", "attn.key", "attn.value"),
-        "mlp.gate_up_proj": ("mlp.fc_1", "mlp.fc_2"),
-    },
-    ignored=("rotary_emb.inv_freq",),
-)
-_GPT_NEOX = HFLayout(
-    {"gpt_neox.embed_in": "transformer.wte", "gpt_neox.final_layer_norm": "transformer.ln_f", "embed_out": "lm_head"},
-    "gpt_neox.layers",
-    {
-        "input_layernorm": "norm_1",
-        "attention.dense": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.dense_h_to_4h": "mlp.fc",
-        "mlp.dense_4h_to_h": "mlp.proj",
-    },
-    fused={"attention.query_key_value": ("attn.query", "attn.key", "attn.value")},
-    per_head_qkv=True,
-    # Older checkpoints (e.g. the Pythia .bin files) store the causal mask and RoPE frequencies as buffers.
-    ignored=("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"),
-    in_memory={"embed_out": "lm_head"},
-)
-HF_LAYOUTS: dict[str, HFLayout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gemma": _LLAMA,
-    "phi3": _PHI3,
-    "gpt_neox": _GPT_NEOX,
-}
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM",
-}
 
 
 def hf_to_lit(name: str, tensor: torch.Tensor, config: Config) -> list[tuple[str, torch.Tensor]]:
@@ -139,7 +51,7 @@ def hf_to_lit(name: str, tensor: torch.Tensor, config: Config) -> list[tuple[str
     Fused projections split into several; buffers that are not weights, and the LM head of a model with tied
     embeddings, give none. The tensors returned may be views of `tensor`.
     """
-    layout = HF_LAYOUTS[config.hf_model_type]
+    layout = layout_of(config)
     if name.endswith(layout.ignored):
         return []
     module, _, leaf = name.rpartition(".")
@@ -155,7 +67,7 @@ def hf_to_lit(name: str, tensor: torch.Tensor, config: Config) -> list[tuple[str
             return [(f"{prefix}.{layout.layer[sub]}.{leaf}", tensor)]
         if sub in layout.fused:
             parts = layout.fused[sub]
-            pieces = _split(tensor, parts, config, layout.per_head_qkv, name)
+            pieces = split_fused(tensor, parts, config, layout.per_head_qkv, name)
             return [(f"{prefix}.{part}.{leaf}", piece) for part, piece in zip(parts, pieces)]
     raise UnknownTensorError(
         f"Unexpected tensor {name!r} in a {config.hf_model_type} checkpoint: it has no counterpart in our model. "
@@ -170,7 +82,7 @@ def lit_to_hf(state_dict: Iterable[tuple[str, torch.Tensor]], config: Config) ->
     Fused projections are emitted once all their parts have been seen. With tied embeddings `lm_head.weight` is
     skipped: Hugging Face ties it to the embedding when loading.
     """
-    layout = HF_LAYOUTS[config.hf_model_type]
+    layout = layout_of(config)
     pending: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in state_dict:
         module, _, leaf = name.rpartition(".")
@@ -191,7 +103,7 @@ def lit_to_hf(state_dict: Iterable[tuple[str, torch.Tensor]], config: Config) ->
         parts[target.index] = tensor
         if len(parts) == len(target.parts):
             del pending[key]
-            yield key, _fuse([parts[i] for i in range(len(parts))], config, layout.per_head_qkv)
+            yield key, fuse_parts([parts[i] for i in range(len(parts))], config, layout.per_head_qkv)
     if pending:
         raise ValueError(f"Incomplete fused weights (a part is missing): {preview(sorted(pending))}")
 
@@ -209,7 +121,7 @@ def hf_module(module: str, config: Config) -> HFModule:
 
     Raises UnknownTensorError for modules with no counterpart (e.g. quantization state).
     """
-    layout = HF_LAYOUTS[config.hf_model_type]
+    layout = layout_of(config)
     top = {ours: hf for hf, ours in layout.top.items()}
     if module in top:
         return HFModule(top[module])
@@ -225,7 +137,7 @@ def hf_module(module: str, config: Config) -> HFModule:
     raise UnknownTensorError(f"{module!r} has no Hugging Face {config.hf_model_type} counterpart")
 
 
-def _out_features(module: str, config: Config) -> int:
+def out_features(module: str, config: Config) -> int:
     """Rows of the weight of one of our linear layers that HF fuses."""
     assert config.head_size is not None and config.n_query_groups is not None
     return {
@@ -237,11 +149,11 @@ def _out_features(module: str, config: Config) -> int:
     }[module]
 
 
-def _split(
+def split_fused(
     tensor: torch.Tensor, parts: tuple[str, ...], config: Config, per_head: bool, name: str
 ) -> list[torch.Tensor]:
     """One HF fused tensor (weight or bias) cut into our parts; raises when its rows do not fit the config."""
-    sizes = [_out_features(part, config) for part in parts]
+    sizes = [out_features(part, config) for part in parts]
     if tensor.shape[0] != sum(sizes):
         raise ValueError(
             f"{name} has {tensor.shape[0]} rows, the config expects {sum(sizes)} ({' + '.join(map(str, sizes))} for "
@@ -259,8 +171,8 @@ def _split(
     return list(tensor.split(sizes, dim=0))
 
 
-def _fuse(parts: list[torch.Tensor], config: Config, per_head: bool) -> torch.Tensor:
-    """The inverse of `_split`."""
+def fuse_parts(parts: list[torch.Tensor], config: Config, per_head: bool) -> torch.Tensor:
+    """The inverse of `split_fused`."""
     if per_head:
         nh, hs, rest = config.n_head, config.head_size, parts[0].shape[1:]
         stacked = torch.stack([p.reshape(nh, hs, *rest) for p in parts], dim=1)  # (nh, 3, hs[, C])
@@ -295,7 +207,7 @@ def hf_checkpoint_config(checkpoint_dir: str | Path, model_name: Optional[str] =
             f"(one of {', '.join(sorted(PRESETS))})."
         )
     hf = json.loads(path.read_text())
-    config = Config.from_hf_config(hf, name=hf.get("_name_or_path", "").split("/")[-1] or directory.name)
+    config = config_from_hf(hf, name=hf.get("_name_or_path", "").split("/")[-1] or directory.name)
     if not config.hf_repo and config.name in PRESETS:  # a label for prompt styles, not a source of numbers
         config = Config(**{**asdict(config), "hf_repo": PRESETS[config.name]["hf_repo"]})
     return config
@@ -388,89 +300,6 @@ def _convert_file(
     return out
 
 
-# ---- ours -> Hugging Face config.json -------------------------------------------------------------------------------
-
-
-def hf_config_dict(config: Config, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A Hugging Face `config.json` (as a dict) for `config.hf_model_type` that describes the same model.
-
-    Raises ValueError when the architecture cannot express the config (checked by mapping the result back with
-    `Config.from_hf_config` and comparing every field).
-    """
-    mt = config.hf_model_type
-    hf: dict[str, Any] = dict(
-        architectures=[HF_ARCHITECTURES[mt]],
-        model_type=mt,
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        max_position_embeddings=config.block_size,
-        rope_theta=config.rope_base,
-        tie_word_embeddings=config.tie_embeddings,
-        torch_dtype=str(dtype).removeprefix("torch."),
-        initializer_range=0.02,
-        use_cache=True,
-    )
-    act = "gelu" if config.gelu_approximate == "none" else "gelu_pytorch_tanh"
-    if mt == "gpt_neox":
-        hf.update(
-            rotary_pct=config.rotary_percentage,
-            rotary_emb_base=config.rope_base,
-            layer_norm_eps=config.norm_eps,
-            use_parallel_residual=config.parallel_residual,
-            hidden_act=act,
-            attention_bias=True,
-        )
-    else:
-        hf.update(num_key_value_heads=config.n_query_groups, head_dim=config.head_size, rms_norm_eps=config.norm_eps)
-        hf["hidden_act"] = act if mt == "gemma" else "silu"
-        if mt in ("llama", "mistral"):
-            hf.update(attention_bias=config.attn_bias, mlp_bias=False)
-        if mt == "phi3" and config.rotary_percentage != 1.0:
-            hf["partial_rotary_factor"] = config.rotary_percentage
-    if mt in ("mistral", "phi3"):
-        hf["sliding_window"] = config.sliding_window
-    elif mt == "qwen2":
-        # Qwen2 windows the layers from max_window_layers on: 0 windows them all, as our config does.
-        hf.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
-                  max_window_layers=0 if config.sliding_window is not None else config.n_layer)
-    if config.rope_adjustments:
-        adj = config.rope_adjustments
-        hf["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": adj["factor"],
-            "low_freq_factor": adj["low_freq_factor"],
-            "high_freq_factor": adj["high_freq_factor"],
-            "original_max_position_embeddings": int(adj["original_max_seq_len"]),
-        }
-    _check_round_trip(config, hf)
-    return hf
-
-
-def _check_round_trip(config: Config, hf: dict[str, Any]) -> None:
-    try:
-        back = Config.from_hf_config(hf, name=config.name)
-    except ValueError as err:
-        raise ValueError(f"Config {config.name!r} cannot be exported as {config.hf_model_type}: {err}") from err
-
-    def fields_of(c: Config) -> dict[str, Any]:
-        d = asdict(c)
-        d.pop("name"), d.pop("hf_repo")
-        if d["sliding_window"] is not None and d["sliding_window"] >= d["block_size"]:
-            d["sliding_window"] = None  # a window as long as the context is no window
-        return d
-
-    ours, theirs = fields_of(config), fields_of(back)
-    diffs = [f"{k} (ours {ours[k]!r}, expressible: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
-    if diffs:
-        raise ValueError(
-            f"Config {config.name!r} cannot be expressed as a Hugging Face {config.hf_model_type} model; these fields "
-            f"differ: {'; '.join(diffs)}. Set hf_model_type to an architecture that has them."
-        )
-
-
 # ---- ours -> Hugging Face checkpoint directories --------------------------------------------------------------------
 
 
@@ -490,7 +319,7 @@ def export_hf_checkpoint(
     name) casts the weights, one tensor at a time as they are written; default: as stored.
     """
     out = Path(output_dir)
-    _refuse_hf_checkpoint_in(out)
+    refuse_hf_checkpoint_in(out)
     limit = _parse_size(max_shard_size)
     target = parse_dtype(dtype)
     directory = Path(checkpoint_dir)
@@ -512,7 +341,8 @@ def export_hf_checkpoint(
     return out
 
 
-def _refuse_hf_checkpoint_in(out: Path) -> None:
+def refuse_hf_checkpoint_in(out: Path) -> None:
+    """Raise FileExistsError when `out` already holds a Hugging Face checkpoint (never overwrite one)."""
     if out.is_dir() and (any(out.glob("*.safetensors")) or (out / "config.json").exists()):
         raise FileExistsError(
             f"{out} already holds a Hugging Face checkpoint (config.json or *.safetensors). Pass an empty or new "
@@ -591,121 +421,3 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"Cannot read the size {size!r}: use e.g. 5GB, 500MB or a number of bytes.")
     units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
     return int(float(match.group(1)) * units[(match.group(2) or "b").lower()])
-
-
-# ---- LoRA checkpoints -> PEFT adapters ------------------------------------------------------------------------------
-
-
-def export_peft_adapter(
-    checkpoint_dir: str | Path,
-    output_dir: str | Path,
-    max_shard_size: int | str = "5GB",
-    base_dir: Optional[str | Path] = None,
-) -> tuple[Path, Path]:
-    """Export a LoRA checkpoint as a PEFT adapter plus the Hugging Face base model it applies to.
-
-    Writes `output_dir/base` (the base model, as `export_hf_checkpoint` writes it) and `output_dir/adapter`
-    (adapter_config.json, adapter_model.safetensors and the tokenizer files), whose `base_model_name_or_path` is the
-    absolute path of `output_dir/base`. Then
-    `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(output_dir / "base"), output_dir / "adapter")`
-    computes the LoRA model's logits. The exported base has the original Hugging Face weights bit for bit (for a
-    model converted from the Hub), so the adapter applies to the original repository too: edit
-    `base_model_name_or_path` to its name before sharing. Returns (base directory, adapter directory).
-
-    For a QLoRA run the base is exported dense: load it with a 4-bit `BitsAndBytesConfig` to reproduce the model the
-    adapters were trained with, or dense, as the merged model is (see `merge_lora_weights`).
-    """
-    checkpoint = read_lora_checkpoint(checkpoint_dir, base_dir)
-    out = Path(output_dir)
-    base_out, adapter_out = out / "base", out / "adapter"
-    _refuse_hf_checkpoint_in(base_out)
-    if (adapter_out / ADAPTER_CONFIG_NAME).exists() or (adapter_out / ADAPTER_WEIGHTS_NAME).exists():
-        raise FileExistsError(
-            f"{adapter_out} already holds a PEFT adapter. Pass an empty or new --output_dir (or delete it first)."
-        )
-    # Everything that can fail on the adapter is checked before the (large) base model is written.
-    tensors, adapter_config = peft_adapter(load_lora_weights(checkpoint), checkpoint.config, checkpoint.lora)
-    adapter_config["base_model_name_or_path"] = str(base_out.resolve())
-    export_hf_checkpoint(checkpoint.base_dir, base_out, max_shard_size)
-    adapter_out.mkdir(parents=True, exist_ok=True)
-    save_state_dict(tensors, adapter_out / ADAPTER_WEIGHTS_NAME)
-    copy_support_files(lora_support_dir(checkpoint), adapter_out)
-    # Last: a directory with adapter_config.json is complete.
-    (adapter_out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-    return base_out, adapter_out
-
-
-def peft_adapter(
-    lora_state: Mapping[str, torch.Tensor], config: Config, lora: Any
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Our LoRA tensors as a PEFT LoRA adapter of the Hugging Face model of `config`: (tensors, adapter_config).
-
-    `lora` is the run's `LoRAConfig`. Tensor names are PEFT's (`base_model.model.<HF module>.lora_A.weight`), module
-    names those of a transformers >= 5 model in memory (they differ from the files' only for GPT-NeoX's head,
-    `lm_head`, formerly `embed_out`); `base_model_name_or_path` is left empty for the caller.
-
-    Fused HF layers (GPT-NeoX `query_key_value`, Phi-3 `qkv_proj` and `gate_up_proj`): our adapters on the k parts
-    of one fused layer (e.g. query and value) become one exact adapter of rank k*r on it. A stacks the parts' A
-    matrices (k*r, in); B is block-diagonal (out_total, k*r): the rows of part j hold B_j in the columns of A_j and
-    zeros elsewhere, with rows in HF's packing order (GPT-NeoX interleaves q, k, v per head). So B A puts B_j A_j
-    in part j's rows and zeros in untargeted parts' rows: the same update as ours. PEFT takes the rank from
-    `rank_pattern` and scales by `alpha_pattern` / rank, so the pattern alpha is k * alpha (scaling alpha / r as
-    ours). Two differences that do not affect the output: training it further in PEFT may fill the zero blocks, and
-    PEFT's dropout draws one mask for the fused layer where we draw one per part.
-    """
-    layout = HF_LAYOUTS[config.hf_model_type]
-    r, alpha = lora.r, lora.alpha
-    grouped: dict[HFModule, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for key in lora_state:
-        module, _, leaf = key.rpartition(".")
-        if leaf != "lora_A":
-            continue
-        try:
-            target = hf_module(module, config)
-        except UnknownTensorError as err:
-            raise ValueError(f"LoRA tensor {key!r} cannot be exported as a PEFT adapter: {err}") from None
-        ab = (lora_state[key], lora_state[f"{module}.lora_B"])
-        grouped.setdefault(target._replace(index=None), {})[target.index or 0] = ab
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}  # HF module name (the leaf, as in target_modules) -> rank
-    for target, pieces in grouped.items():
-        if not target.parts:
-            a, b = pieces[0]
-        else:
-            slots = sorted(pieces)  # indices of the targeted parts, in row order
-            a = torch.cat([pieces[j][0] for j in slots], dim=0)  # (k * r, in)
-            blocks = []
-            for j, part in enumerate(target.parts):
-                block = a.new_zeros(_out_features(part, config), len(slots) * r)  # (out_j, k * r)
-                if j in pieces:
-                    slot = slots.index(j)
-                    block[:, slot * r : (slot + 1) * r] = pieces[j][1]
-                blocks.append(block)
-            b = _fuse(blocks, config, layout.per_head_qkv)  # (out_total, k * r)
-        name = layout.in_memory.get(target.name, target.name)
-        leaf_name = name.rpartition(".")[2]
-        if ranks.setdefault(leaf_name, a.shape[0]) != a.shape[0]:  # PEFT's patterns name modules, not layers
-            raise ValueError(f"LoRA targets different parts of {leaf_name} in different layers (PEFT cannot say so)")
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-    rank_pattern = {name: rank for name, rank in ranks.items() if rank != r}
-    alpha_pattern = {name: alpha * rank / r for name, rank in rank_pattern.items()}
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": sorted(ranks),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,  # scaling alpha / r, as ours
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-    return tensors, adapter_config

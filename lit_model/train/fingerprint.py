@@ -70,8 +70,9 @@ def run_fingerprint(
         "quantize": quantize,
         "optimizer": optimizer,
         "badam": _plain(badam) if optimizer != "adamw" else None,
+        # Not the micro-batch size: how a step is split over micro-batches and devices changes no result (tested),
+        # and a run may resume on another number of devices.
         "global batch size": train.global_batch_size,
-        "micro batch size": train.micro_batch_size,
         "seed": seed,
         "training data": records_hash(records),
         "prompt style": _plain(prompt_style),

@@ -1,10 +1,18 @@
-"""Argument groups shared by the fine-tuning scripts. Each dataclass is one `--group.field` block of the CLI."""
+"""What a fine-tuning run is asked to do: the argument groups of the CLI (each dataclass one `--group.field` block),
+the job that a script builds from them, and the validation that lists every problem at once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from lit_model.checkpoint_io import check_checkpoint_dir
+from lit_model.errors import CorruptFileError
+from lit_model.peft.lora import LoRAConfig
+from lit_model.precision import canonical
+from lit_model.quantize import validate_quantize_precision
+from lit_model.train.checkpoints import resolve_resume
 
 
 @dataclass
@@ -135,7 +143,7 @@ class DataArgs:
             checkpoint's own Jinja template); None: the checkpoint's prompt_style.yaml, else its chat template, else
             the default for the model family (alpaca for base models).
         mask_prompt: train on response tokens only.
-        demo: train and validate on the bundled digit-task set (lit_model/demo_tasks.py, 2000 / 150 records) and
+        demo: train and validate on the bundled digit-task set (lit_model/data/demo_tasks.py, 2000 / 150 records) and
             report held-out exact match; default: on for the demo model when no train_file is given.
     """
 
@@ -159,63 +167,86 @@ class DataArgs:
         return out
 
 
+# The settings each DropBP method implies; any of them can be overridden by its own flag.
+DROPBP_METHODS: dict[str, dict[str, object]] = {
+    # Ours: drop a random prefix of the network (the kept branches get exact gradients), ramp the rate up over the
+    # first 30% of training, and give every branch the learning rate lr / (1 - p) so that its expected update per
+    # step is the baseline's. BENCHMARKS.md, "DropBP that pays", has the study behind it.
+    "prefix": dict(sampler="prefix", sensitivity_at=0.0, warmup=0.3, scale_lr=True),
+    # The paper's: independent Bernoulli masks, rates re-allocated from measured sensitivity at 10% of training.
+    "paper": dict(sampler="independent", sensitivity_at=0.1, warmup=0.0, scale_lr=False),
+}
+
+
 @dataclass
 class DropBPArgs:
     """DropBP: skip the backward of residual branches (attention, MLP) at random, forward unchanged.
 
     Args:
         rate: target drop rate, the FLOPs-weighted mean over branches (0: off; the paper studies 0.5, 0.75, 0.875).
-        sensitivity_at: fraction of training after which per-branch rates are re-allocated from measured gradient
-            sensitivity (0: keep uniform rates).
-        allocator: greedy (the reference: 0.1 steps, cap 0.9) or flops (exact: minimise sum S_l * b_l^2).
+        method: prefix (ours, the default: exact gradients for the kept branches, a warm-up and matched learning
+            rates) or paper (the published method: independent masks, sensitivity-allocated rates). The four
+            settings below default to the method's.
         sampler: independent (Bernoulli per branch, the paper's), topup (the official later scheme; biased upward),
             stratified (each branch kept exactly its share of steps) or prefix (drop everything below a random cut:
             exact gradients for the kept branches; its per-branch rates follow from the cut).
+        sensitivity_at: fraction of training after which per-branch rates are re-allocated from measured gradient
+            sensitivity (0: keep the sampler's rates).
+        warmup: fraction of training over which the rates ramp linearly from 0 to their targets (0: none).
+        scale_lr: every branch's parameters step with learning rate lr / (1 - p) for its rate p (at most
+            max_lr_scale times lr), so that their expected update per step matches training without DropBP.
+        allocator: greedy (the reference: 0.1 steps, cap 0.9) or flops (exact: minimise sum S_l * b_l^2).
         min_rate: the lowest rate any branch may get.
         sensitivity_samples: micro-batches averaged for the sensitivity measurement.
         sensitivity: exact (the paper's: drop each branch alone, 2 * n_layer + 1 passes per sample) or estimate
             (one pass per sample: the gradient each branch sends back, read with hooks).
-        warmup: fraction of training over which the rates ramp linearly from 0 to their targets (0: none).
-        scale_lr: every branch's parameters step with learning rate lr / (1 - p) for its rate p (at most
-            max_lr_scale times lr), so that their expected update per step matches training without DropBP.
-        max_lr_scale: the cap of that factor.
+        max_lr_scale: the cap of the scale_lr factor.
     """
 
     rate: float = 0.0
-    sensitivity_at: float = 0.1
+    method: str = "prefix"
+    sampler: Optional[str] = None
+    sensitivity_at: Optional[float] = None
+    warmup: Optional[float] = None
+    scale_lr: Optional[bool] = None
     allocator: str = "greedy"
-    sampler: str = "independent"
     min_rate: float = 0.0
     sensitivity_samples: int = 1
     sensitivity: str = "exact"
-    warmup: float = 0.0
-    scale_lr: bool = False
     max_lr_scale: float = 4.0
+
+    def resolved(self) -> "DropBPArgs":
+        """These settings with every unset one taken from the method (an unknown method leaves them unset)."""
+        implied = DROPBP_METHODS.get(self.method, {})
+        return replace(self, **{k: v for k, v in implied.items() if getattr(self, k) is None})
 
     def problems(self) -> list[str]:
         out = []
-        if not 0.0 <= self.rate <= 0.9:
-            out.append(f"--dropbp.rate must be in [0, 0.9] (each branch keeps >= 10% of its backwards), got {self.rate}")
-        if not 0.0 <= self.sensitivity_at < 1.0:
-            out.append(f"--dropbp.sensitivity_at must be in [0, 1), got {self.sensitivity_at}")
-        if self.allocator not in ("greedy", "flops"):
-            out.append(f"--dropbp.allocator must be greedy or flops, got {self.allocator!r}")
+        if self.method not in DROPBP_METHODS:
+            return [f"--dropbp.method must be one of {', '.join(DROPBP_METHODS)}, got {self.method!r}"]
+        args = self.resolved()
+        if not 0.0 <= args.rate <= 0.9:
+            out.append(f"--dropbp.rate must be in [0, 0.9] (each branch keeps >= 10% of its backwards), got {args.rate}")
+        if not 0.0 <= args.sensitivity_at < 1.0:
+            out.append(f"--dropbp.sensitivity_at must be in [0, 1), got {args.sensitivity_at}")
+        if args.allocator not in ("greedy", "flops"):
+            out.append(f"--dropbp.allocator must be greedy or flops, got {args.allocator!r}")
         samplers = ("independent", "topup", "stratified", "prefix")
-        if self.sampler not in samplers:
-            out.append(f"--dropbp.sampler must be one of {', '.join(samplers)}, got {self.sampler!r}")
-        elif self.sampler == "prefix" and self.rate > 0 and self.sensitivity_at > 0:
+        if args.sampler not in samplers:
+            out.append(f"--dropbp.sampler must be one of {', '.join(samplers)}, got {args.sampler!r}")
+        elif args.sampler == "prefix" and args.rate > 0 and args.sensitivity_at > 0:
             out.append("--dropbp.sampler prefix takes its per-branch rates from its cut, not from sensitivity: "
                        "set --dropbp.sensitivity_at 0 (or use another sampler)")
-        if self.sensitivity not in ("exact", "estimate"):
-            out.append(f"--dropbp.sensitivity must be exact or estimate, got {self.sensitivity!r}")
-        if self.max_lr_scale < 1.0:
-            out.append(f"--dropbp.max_lr_scale must be >= 1, got {self.max_lr_scale}")
-        if not 0.0 <= self.warmup < 1.0:
-            out.append(f"--dropbp.warmup must be in [0, 1), got {self.warmup}")
-        if self.rate > 0 and not 0.0 <= self.min_rate <= self.rate:
-            out.append(f"--dropbp.min_rate must be in [0, rate={self.rate}], got {self.min_rate}")
-        if self.sensitivity_samples <= 0:
-            out.append(f"--dropbp.sensitivity_samples must be positive, got {self.sensitivity_samples}")
+        if args.sensitivity not in ("exact", "estimate"):
+            out.append(f"--dropbp.sensitivity must be exact or estimate, got {args.sensitivity!r}")
+        if args.max_lr_scale < 1.0:
+            out.append(f"--dropbp.max_lr_scale must be >= 1, got {args.max_lr_scale}")
+        if not 0.0 <= args.warmup < 1.0:
+            out.append(f"--dropbp.warmup must be in [0, 1), got {args.warmup}")
+        if args.rate > 0 and not 0.0 <= args.min_rate <= args.rate:
+            out.append(f"--dropbp.min_rate must be in [0, rate={args.rate}], got {args.min_rate}")
+        if args.sensitivity_samples <= 0:
+            out.append(f"--dropbp.sensitivity_samples must be positive, got {args.sensitivity_samples}")
         return out
 
 
@@ -254,3 +285,111 @@ class BAdamArgs:
         if self.mask_mode not in ("adjacent", "scatter"):
             out.append(f"--badam.mask_mode must be adjacent or scatter, got {self.mask_mode!r}")
         return out
+
+
+# ---- the job: everything a fine-tuning script decided ---------------------------------------------------------------
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+OPTIMIZERS = ("adamw", "badam", "badam_ratio")
+
+
+@dataclass
+class FinetuneJob:
+    """Everything a fine-tuning script decided. `adapter` is the LoRA configuration (QLoRA: with `quantize`), or None
+    for full fine-tuning; `mode` names which."""
+
+    checkpoint_dir: Path
+    out_dir: Path
+    precision: Optional[str]
+    devices: int
+    seed: int
+    data: DataArgs
+    train: TrainArgs
+    eval: EvalArgs
+    adapter: Optional[LoRAConfig] = None
+    quantize: Optional[str] = None
+    resume: Optional[str] = None  # "auto", a step-NNNNNN directory, or None
+    dropbp: DropBPArgs = field(default_factory=DropBPArgs)
+    optimizer: str = "adamw"  # one of OPTIMIZERS; BAdam's: full fine-tuning only
+    badam: BAdamArgs = field(default_factory=BAdamArgs)
+    hparams: dict[str, Any] = field(default_factory=dict)  # the script's arguments, saved as hyperparameters.yaml
+    num_nodes: int = 1
+    strategy: str = "auto"  # one of STRATEGIES (lit_model.train.dist.make_strategy)
+    overwrite: bool = False  # a fresh run may clear an out_dir that holds another run's checkpoints
+
+    @property
+    def mode(self) -> str:
+        """"lora" (an adapter trains) or "full" (every weight does): the word checkpoints and logs use."""
+        return "full" if self.adapter is None else "lora"
+
+    def dropbp_settings(self) -> DropBPArgs:
+        """--dropbp.* with the method's defaults filled in; BAdam sets its learning rates itself, so the method's
+        scale_lr does not apply to it (asking for scale_lr with BAdam is an error, see validate_job)."""
+        args = self.dropbp
+        if self.optimizer != "adamw" and args.scale_lr is None:
+            args = replace(args, scale_lr=False)
+        return args.resolved()
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes: one per device."""
+        return self.devices * self.num_nodes
+
+
+def validate_job(job: FinetuneJob) -> None:
+    """Check every argument at once; raise one error listing all problems."""
+    problems = job.train.problems(job.world_size) + job.eval.problems() + job.data.problems() + job.dropbp.problems()
+    problems += distributed_problems(job)
+    try:
+        canonical(job.precision)
+    except ValueError as err:
+        problems.append(f"--precision: {err}")
+    if job.optimizer not in OPTIMIZERS:
+        problems.append(f"--optimizer must be adamw, badam or badam_ratio, got {job.optimizer!r}")
+    elif job.optimizer != "adamw":
+        problems += job.badam.problems()
+        if job.dropbp.rate > 0 and job.dropbp.scale_lr:  # asked for; the method's default yields to BAdam
+            problems.append(f"--dropbp.scale_lr sets learning rates per branch, which --optimizer {job.optimizer} "
+                            "manages itself: use --optimizer adamw, or --dropbp.scale_lr false")
+        if job.adapter is not None:
+            problems.append(f"--optimizer {job.optimizer} is for full fine-tuning (finetune/full.py)")
+    if job.adapter is not None:
+        problems += job.adapter.problems()
+    if job.quantize is not None:
+        try:
+            validate_quantize_precision(job.quantize, job.precision)
+        except ValueError as err:
+            problems.append(str(err))
+    if job.resume is not None and str(job.resume) != "auto":
+        try:  # the structure of its files; their checksums are compared once, when the run resolves it
+            resolve_resume(job.resume, Path(job.out_dir), verify=False)
+        except (FileNotFoundError, CorruptFileError) as err:
+            problems.append(str(err))
+    try:
+        check_checkpoint_dir(Path(job.checkpoint_dir))
+    except FileNotFoundError as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("Invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+def distributed_problems(job: FinetuneJob) -> list[str]:
+    """What cannot run with the job's --devices, --num_nodes and --strategy (messages; empty when fine)."""
+    out = []
+    if job.devices < 1 or job.num_nodes < 1:
+        out.append(f"--devices and --num_nodes must be positive, got {job.devices} and {job.num_nodes}")
+    if job.strategy not in STRATEGIES:
+        out.append(f"--strategy must be one of {', '.join(STRATEGIES)}, got {job.strategy!r}")
+    if job.strategy != "fsdp":
+        return out
+    if job.quantize is not None:
+        out.append("--strategy fsdp cannot shard 4-bit weights (--quantize): FSDP flattens parameters, which loses "
+                   "bitsandbytes' quantization state. Use --strategy ddp for QLoRA on several devices")
+    if job.optimizer != "adamw":
+        out.append(f"--optimizer {job.optimizer} runs with --strategy ddp (or auto), not fsdp: BAdam keeps optimizer "
+                   "state for one block only, which is what FSDP would otherwise shard")
+    if job.dropbp.rate > 0:
+        out.append("--dropbp.rate > 0 runs with --strategy ddp (or auto), not fsdp: torch's FSDP fails when a block "
+                   "got gradients in one micro-batch of a step and none in the last (it asserts in its post-backward), "
+                   "and fills the dropped tensors of a partly dropped block with zero gradients, which AdamW steps")
+    return out

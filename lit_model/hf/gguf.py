@@ -2,7 +2,7 @@
 
 A GGUF file holds one model: metadata under llama.cpp's key names (`llama.block_count`, `tokenizer.ggml.tokens`, ...)
 and tensors under llama.cpp's names (`blk.0.attn_q.weight`), most of them quantized in blocks. We map the metadata to a
-Hugging Face-style config dict and reuse `Config.from_hf_config`, map the tensor names to Hugging Face's and reuse
+Hugging Face-style config dict and reuse `config_from_hf`, map the tensor names to Hugging Face's and reuse
 `hf_to_lit`, so a GGUF import is checked by the same code as a Hugging Face import. The facts undone here, as
 llama.cpp's `convert_hf_to_gguf.py` does them and transformers' GGUF loader reverses them:
 
@@ -17,7 +17,7 @@ llama.cpp's `convert_hf_to_gguf.py` does them and transformers' GGUF loader reve
 
 Quantized tensors are dequantized by the `gguf` package itself, one at a time; Q8_0, Q4_0, Q4_1, F16 and BF16
 dequantize exactly to float32. `import lit_model` needs torch only: `gguf` (and numpy) are imported where used.
-The tokenizer files come from `lit_model.gguf_tokenizer`.
+The tokenizer files come from `lit_model.hf.gguf_tokenizer`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from lit_model.checkpoint_io import (
     write_dir_atomically,
 )
 from lit_model.config import PRESETS, Config
-from lit_model.hf_convert import UnknownTensorError, hf_to_lit
+from lit_model.hf.convert import UnknownTensorError, hf_to_lit
+from lit_model.hf.families import config_from_hf
+from lit_model.hf.gguf_tokenizer import gguf_tokenizer_files
 from lit_model.model import GPT, rope_inv_freq
 
 # `general.architecture` values we import. Llama 2/3, Mistral, TinyLlama and SmolLM2 are all stored as "llama".
@@ -158,7 +160,7 @@ def dequantize(tensor: Any) -> torch.Tensor:
 
 
 def gguf_hf_config(file: GGUFFile) -> dict[str, Any]:
-    """A Hugging Face `config.json` (as a dict) describing the model in a GGUF file, for `Config.from_hf_config`."""
+    """A Hugging Face `config.json` (as a dict) describing the model in a GGUF file, for `config_from_hf`."""
     arch = file.architecture
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
@@ -221,9 +223,9 @@ def gguf_hf_config(file: GGUFFile) -> dict[str, Any]:
 
 def gguf_config(file: GGUFFile, name: Optional[str] = None, hf_repo: Optional[str] = None) -> Config:
     """Our Config for a GGUF file. `name` defaults to `default_model_name`, `hf_repo` to `gguf_hf_repo`."""
-    config = Config.from_hf_config(gguf_hf_config(file), name=name or default_model_name(file))
+    config = config_from_hf(gguf_hf_config(file), name=name or default_model_name(file))
     repo = hf_repo if hf_repo is not None else gguf_hf_repo(file)
-    if not repo and config.name in PRESETS:  # a label for prompt styles, as in hf_convert.hf_checkpoint_config
+    if not repo and config.name in PRESETS:  # a label for prompt styles, as in lit_model.hf.convert.hf_checkpoint_config
         repo = PRESETS[config.name]["hf_repo"]
     return dataclasses.replace(config, hf_repo=repo)
 
@@ -302,7 +304,7 @@ def _rope_scaling(file: GGUFFile, hf: dict[str, Any]) -> Optional[dict[str, Any]
     if tensor is None:
         return None
     divisors = dequantize(tensor).double()
-    plain = Config.from_hf_config(hf)
+    plain = config_from_hf(hf)
     if torch.allclose(divisors, torch.ones_like(divisors)):
         return None
     base = rope_inv_freq(plain).double()
@@ -460,8 +462,6 @@ def convert_gguf_checkpoint(
     refused. Memory peaks at about the output's size plus one float32 tensor. `name` and `hf_repo` label the config
     (defaults: `default_model_name`, `gguf_hf_repo`).
     """
-    from lit_model.gguf_tokenizer import gguf_tokenizer_files
-
     target_dtype = parse_dtype(dtype) or torch.float32
     out = Path(output_dir) if output_dir is not None else default_output_dir(gguf_file)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
