@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,10 @@ def checkpoint_block(
     sin: torch.Tensor,
     drop_attn: bool = False,
     drop_mlp: bool = False,
+    segments: Optional[Sequence[int]] = None,
     offload: bool = False,
 ) -> torch.Tensor:
-    """`block.compute(x, cos, sin, None, drop_attn, drop_mlp)`, saving only what recomputing the kept branches needs.
+    """`block.compute(x, cos, sin, None, drop_attn, drop_mlp, segments)`, saving only what recomputing the kept branches needs.
 
     This is the `Block.checkpoint_fn` that `apply_activation_checkpointing` installs.
     """
@@ -63,8 +64,8 @@ def checkpoint_block(
     if drop_attn and drop_mlp or not (params or x.requires_grad):
         # Nothing to recompute: the plain block already saves nothing (both branches run under no_grad), or there is
         # no gradient to compute at all.
-        return block.compute(x, cos, sin, None, drop_attn, drop_mlp)
-    spec = _Spec(block, drop_attn, drop_mlp, offload, params)
+        return block.compute(x, cos, sin, None, drop_attn, drop_mlp, segments)
+    spec = _Spec(block, drop_attn, drop_mlp, offload, params, segments)
     return _CheckpointedBlock.apply(spec, x, cos, sin, *params)
 
 
@@ -75,6 +76,7 @@ class _Spec:
     drop_mlp: bool
     offload: bool
     params: list[nn.Parameter]
+    segments: Optional[Sequence[int]] = None  # packed sequences (see lit_model.model.GPT.hidden_states)
 
 
 def _kept_trainable_params(block: Block, drop_attn: bool, drop_mlp: bool) -> list[nn.Parameter]:
@@ -104,7 +106,7 @@ class _CheckpointedBlock(torch.autograd.Function):
         # The forward order of `Block.compute`, with the RNG state captured before each branch the backward reruns,
         # so that dropout inside it (e.g. LoRA's) draws the same mask again.
         ctx.rng_attn = None if spec.drop_attn else _rng_state(x.device)
-        a = block.attn_branch(x, cos, sin)
+        a = block.attn_branch(x, cos, sin, None, spec.segments)
         if block.parallel_residual:
             ctx.rng_mlp = None if spec.drop_mlp else _rng_state(x.device)
             out = x + a + block.mlp_branch(x)
@@ -131,7 +133,7 @@ class _CheckpointedBlock(torch.autograd.Function):
                 out = start
                 if not spec.drop_attn:
                     with _rng_restored(ctx.rng_attn, ctx.device):
-                        out = out + block.attn_branch(start, cos, sin)
+                        out = out + block.attn_branch(start, cos, sin, None, spec.segments)
                 if not spec.drop_mlp:
                     with _rng_restored(ctx.rng_mlp, ctx.device):
                         out = out + block.mlp_branch(start)
@@ -139,7 +141,7 @@ class _CheckpointedBlock(torch.autograd.Function):
                 out = start
                 if not spec.drop_attn:
                     with _rng_restored(ctx.rng_attn, ctx.device):
-                        out = start + block.attn_branch(start, cos, sin)
+                        out = start + block.attn_branch(start, cos, sin, None, spec.segments)
                 if not spec.drop_mlp:  # a dropped MLP adds a constant: its gradient path is the identity
                     with _rng_restored(ctx.rng_mlp, ctx.device):
                         out = out + block.mlp_branch(out)

@@ -8,8 +8,9 @@ gradient reaches earlier layers through the residual identity only.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,17 +49,19 @@ class GPT(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         drop_mask: Optional[DropMask] = None,
         return_hidden: bool = False,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T). See `hidden_states` for the arguments.
 
         return_hidden: return the LM head's input (B, T, n_embd) instead, for a loss that applies the head in chunks
             (training never materialises full logits). Going through `forward` keeps Fabric's precision wrapper.
         """
-        hidden = self.hidden_states(idx, input_pos, drop_mask)
+        hidden = self.hidden_states(idx, input_pos, drop_mask, segments)
         return hidden if return_hidden else self.lm_head(hidden)
 
     def hidden_states(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Optional[DropMask] = None
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Optional[DropMask] = None,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd), the input of the LM head (the chunked loss consumes these).
 
@@ -66,10 +69,19 @@ class GPT(nn.Module):
             plain causal forward over positions 0..T-1.
         drop_mask: per block, whether to drop the backward of the attention and the MLP branch (DropBP). Ignored in
             eval mode, which never drops.
+        segments: lengths of the sequences packed one after another into the single row of `idx` (1, T): each is
+            its own sequence (positions restart at 0, attention stays within it), as if run separately.
         """
         B, T = idx.shape
         cfg = self.config
-        if input_pos is None:
+        if segments is not None:
+            if B != 1 or input_pos is not None or sum(segments) != T or min(segments, default=1) < 1:
+                raise ValueError(f"segments {list(segments)[:8]} must be positive lengths that sum to the {T} tokens of "
+                                 f"a single row (got {B} rows), without a KV cache")
+            if max(segments) > cfg.block_size:
+                raise ValueError(f"A packed sequence of {max(segments)} tokens exceeds block_size {cfg.block_size}")
+            positions = torch.cat([torch.arange(n, device=idx.device) for n in segments])  # restart per sequence
+        elif input_pos is None:
             if T > cfg.block_size:
                 raise ValueError(f"Sequence of length {T} exceeds the model's block_size {cfg.block_size}")
             positions = torch.arange(T, device=idx.device)
@@ -86,7 +98,7 @@ class GPT(nn.Module):
         elif len(drop_mask) != cfg.n_layer:
             raise ValueError(f"drop_mask has {len(drop_mask)} rows, the model has {cfg.n_layer} blocks")
         for block, (drop_attn, drop_mlp) in zip(self.transformer.h, drop_mask):
-            x = block(x, cos, sin, input_pos, bool(drop_attn), bool(drop_mlp))
+            x = block(x, cos, sin, input_pos, bool(drop_attn), bool(drop_mlp), segments)
         return self.transformer.ln_f(x)
 
     def set_kv_cache(
@@ -133,13 +145,14 @@ class Block(nn.Module):
         self.norm_2 = make_norm(config, config.n_embd)
         self.mlp = make_mlp(config)
         # Activation checkpointing (lit_model.checkpointing) installs a function here; it receives
-        # (block, x, cos, sin, drop_attn, drop_mlp) and must return what `compute` returns.
+        # (block, x, cos, sin, drop_attn, drop_mlp, segments) and must return what `compute` returns.
         self.checkpoint_fn: Optional[Callable[..., torch.Tensor]] = None
 
     def attn_branch(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        return self.attn(self.norm_1(x), cos, sin, input_pos)
+        return self.attn(self.norm_1(x), cos, sin, input_pos, segments)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm_2(x))
@@ -152,10 +165,11 @@ class Block(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         drop_attn: bool = False,
         drop_mlp: bool = False,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         if self.checkpoint_fn is not None and input_pos is None and torch.is_grad_enabled():
-            return self.checkpoint_fn(self, x, cos, sin, drop_attn, drop_mlp)
-        return self.compute(x, cos, sin, input_pos, drop_attn, drop_mlp)
+            return self.checkpoint_fn(self, x, cos, sin, drop_attn, drop_mlp, segments)
+        return self.compute(x, cos, sin, input_pos, drop_attn, drop_mlp, segments)
 
     def compute(
         self,
@@ -165,16 +179,17 @@ class Block(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         drop_attn: bool = False,
         drop_mlp: bool = False,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """The block's output; each branch runs through its DropBP gate (`run_branch`)."""
-        a = run_branch(self.attn_branch, drop_attn, x, cos, sin, input_pos)
+        a = run_branch(self.attn_branch, drop_attn, x, cos, sin, input_pos, segments)
         if self.parallel_residual:  # GPT-NeoX: both branches read the block input
             return x + a + run_branch(self.mlp_branch, drop_mlp, x)
         x = x + a
         return x + run_branch(self.mlp_branch, drop_mlp, x)
 
 
-def run_branch(fn: Callable[..., torch.Tensor], dropped: bool, *args: Optional[torch.Tensor]) -> torch.Tensor:
+def run_branch(fn: Callable[..., torch.Tensor], dropped: bool, *args: Any) -> torch.Tensor:
     """The DropBP gate: a dropped branch computes the same value but records no graph and saves no activations."""
     if dropped:
         with torch.no_grad():
@@ -196,7 +211,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+        segments: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         cfg = self.config
         B, T, _ = x.shape
@@ -207,6 +223,9 @@ class CausalSelfAttention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         mask = None
+        if segments is not None:  # packed sequences: attention within each, never across
+            y = packed_attention(q, k, v, segments, cfg.sliding_window, 1.0 / math.sqrt(hs), ng != nh)
+            return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
         if input_pos is not None:
             assert self.kv_cache is not None
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = cache length
@@ -219,6 +238,45 @@ class CausalSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.proj(y)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[int], sliding_window: Optional[int],
+    scale: float, gqa: bool,
+) -> torch.Tensor:
+    """Causal attention of each packed sequence with itself only: q (1, nh, T, hs), k and v (1, ng, T, hs).
+
+    On CUDA in half precision, one variable-length flash kernel over all sequences (torch's varlen_attn); elsewhere
+    one SDPA call per sequence, which computes no score across sequences (a block-diagonal mask over the whole row
+    would compute them all and throw most away). Returns (1, nh, T, hs).
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attention() is not None:
+        varlen = _varlen_attention()
+        cu = torch.tensor([0, *itertools.accumulate(segments)], device=q.device, dtype=torch.int32)
+        window = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
+        out = varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, max(segments),
+                     max(segments), scale=scale, window_size=window, enable_gqa=gqa)  # (T, nh, hs)
+        return out.transpose(0, 1)[None]
+    outs, start = [], 0
+    for n in segments:
+        qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))  # (1, heads, n, hs)
+        mask = None
+        if sliding_window is not None and n > sliding_window:
+            pos = torch.arange(n, device=q.device)
+            mask = attention_mask(pos, pos, sliding_window)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and n > 1,
+                                                   scale=scale, enable_gqa=gqa))
+        start += n
+    return torch.cat(outs, dim=2)
+
+
+def _varlen_attention() -> Optional[Callable[..., torch.Tensor]]:
+    """torch's variable-length flash attention, where this torch has it (2.9 and later), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: Optional[int]) -> torch.Tensor:

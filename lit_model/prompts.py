@@ -213,18 +213,28 @@ class PromptStyle:
         return out
 
     def _named_segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
-        """A named style's pieces for one turn: [system,] user, assistant."""
+        """A named style's pieces: each user turn through the style's template (the system prompt in the first
+        only), each answer after it. Named styles describe one turn; several are rendered turn after turn, each
+        answer ended by EOS (the checkpoint's own chat template is the exact multi-turn format where there is one)."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        turn = messages[1:] if system is not None else messages
-        roles = [m["role"] for m in turn]
-        if roles != ["user", "assistant"]:
+        turns = messages[1:] if system is not None else messages
+        roles = [m["role"] for m in turns]
+        if not turns or roles[0::2] != ["user"] * len(roles[0::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
             raise ValueError(
-                f"Prompt style {self.name!r} renders one user turn and its answer; got the roles {roles}. Use the "
-                "checkpoint's chat template (--data.prompt_style chat_template) for multi-turn conversations."
+                f"Prompt style {self.name!r} renders user turns each followed by an answer, after an optional system "
+                f"message; got the roles {roles}. Merge consecutive messages of one role, or use the checkpoint's "
+                "chat template (--data.prompt_style chat_template)."
             )
-        style = self if system is None or system == self.system else replace(self, system=system)
-        user, answer = turn
-        return [(style.apply(user["content"], user.get("input") or ""), False), (answer["content"], True)]
+        first = self if system is None or system == self.system else replace(self, system=system)
+        later = replace(self, system="")
+        pieces: list[tuple[str, bool]] = []
+        for i, message in enumerate(turns):
+            if message["role"] == "user":
+                style = first if i == 0 else later
+                pieces.append((style.apply(message["content"], message.get("input") or ""), False))
+            else:
+                pieces.append((message["content"], True))
+        return pieces
 
     @property
     def adds_bos(self) -> Optional[bool]:

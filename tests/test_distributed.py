@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from lit_model.train import checkpoints as ckpt
-from lit_model.train.args import BAdamArgs, DropBPArgs, EvalArgs, TrainArgs
+from lit_model.train.args import BAdamArgs, DataArgs, DropBPArgs, EvalArgs, TrainArgs
 from lit_model.data import BatchIterator
 from lit_model.peft.lora import LoRAConfig
 from tests.finetune_utils import (  # noqa: F401 (tiny_checkpoint is a fixture)
@@ -70,7 +70,7 @@ def run_here(ckpt_dir: Path, out: Path, mode: str = "full", **groups: Any) -> di
     """The same run on one device, in this process."""
     script = load_script("finetune/full.py" if mode == "full" else "finetune/lora.py")
     kwargs: dict[str, Any] = dict(
-        checkpoint_dir=ckpt_dir, out_dir=out, data=data_args(ckpt_dir),
+        checkpoint_dir=ckpt_dir, out_dir=out, data=DataArgs(**{**vars(data_args(ckpt_dir)), **groups.pop("data", {})}),
         train=TrainArgs(**{**TRAIN, **groups.pop("train", {})}), eval=EvalArgs(**{**EVAL, **groups.pop("eval", {})}))
     if mode != "full":
         kwargs["lora"] = LoRAConfig(**{**LORA, **groups.pop("lora", {})})
@@ -165,6 +165,19 @@ def test_ddp_full_fine_tuning_equals_one_process(tiny_checkpoint, tmp_path) -> N
     assert_same_run(tmp_path / "one", tmp_path / "ddp")
     state = ckpt.load_training_state(tmp_path / "ddp" / "step-000002")
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_ddp_packed_equals_one_process_packed(mode, tiny_checkpoint, tmp_path) -> None:
+    # Rank r takes the r-th bin of each group; one process takes the same bins in turn, and the loss is normalised over
+    # the step's tokens on all ranks: the same steps. (Not with DropBP: its masks are drawn per global micro-batch, and
+    # one process takes twice as many micro-batches per step here.)
+    data = {"packing": True, "pack_tokens": 300}
+    launch(tiny_checkpoint, tmp_path / "ddp", mode=mode, data=data)
+    run_here(tiny_checkpoint, tmp_path / "one", mode=mode, data=data)
+    assert moved(tiny_checkpoint, tmp_path / "ddp")
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")
 
 
 @pytest.mark.slow

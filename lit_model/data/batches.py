@@ -50,3 +50,95 @@ class BatchIterator:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+OPEN_BINS = 64  # bins first_fit still adds to; older ones are closed (keeps packing linear in the data)
+
+
+def first_fit(order: list[int], lengths: list[int], budget: int, open_bins: int = OPEN_BINS) -> list[list[int]]:
+    """Bins of sample indices, each at most `budget` tokens: every sample, in `order`, goes into the first of the
+    newest `open_bins` bins it fits (a new bin when none), so bins fill tightly while the order stays random.
+    Deterministic in its inputs."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > budget:
+            raise ValueError(f"Sample {i} has {n} tokens, more than the packing budget of {budget} tokens per "
+                             "micro-batch: raise --data.pack_tokens (or lower --train.max_seq_length)")
+        for b in range(max(0, len(bins) - open_bins), len(bins)):
+            if n <= room[b]:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return bins
+
+
+class PackedBatchIterator:
+    """Endless, resumable micro-batches for padding-free packing: each is a list of whole samples of at most
+    `budget` tokens, packed into one row by the collate step (lit_model.data.sft.collate_packed).
+
+    Each epoch packs a fresh seeded permutation with `first_fit`; the bins are then taken in order, `world_size` per
+    group, rank r getting the r-th of each group, and an epoch ends after a whole number of optimizer steps
+    (`micro_per_step` bins per rank), so the dropped tail does not depend on the number of devices. `position`
+    counts bins of the global order: state_dict / load_state_dict resume exactly.
+    """
+
+    def __init__(self, lengths: list[int], budget: int, seed: int, rank: int = 0, world_size: int = 1,
+                 micro_per_step: int = 1) -> None:
+        self.lengths, self.budget, self.seed = list(lengths), budget, seed
+        self.rank, self.world_size, self.micro_per_step = rank, world_size, micro_per_step
+        self.epoch, self.position = 0, 0
+        self._bins = self._pack(0)
+        if len(self._bins) < self.span:
+            raise ValueError(f"{len(self.lengths)} samples pack into {len(self._bins)} micro-batches of {budget} "
+                             f"tokens, fewer than one optimizer step takes ({self.span}): lower --data.pack_tokens "
+                             "or the global batch size")
+
+    @property
+    def span(self) -> int:
+        """Bins one optimizer step takes over all ranks."""
+        return self.micro_per_step * self.world_size
+
+    @property
+    def bins_per_epoch(self) -> int:
+        """Micro-batches the current epoch's packing made (all ranks)."""
+        return len(self._bins)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch (the first epoch's packing; later ones differ by a bin or so)."""
+        return len(self._pack(0)) // self.span
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return first_fit(order, self.lengths, self.budget)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        usable = len(self._bins) - len(self._bins) % self.span
+        if self.position + self.world_size > usable:  # the ragged tail of whole steps is dropped
+            self.epoch, self.position = self.epoch + 1, 0
+            self._bins = self._pack(self.epoch)
+        group = self._bins[self.position : self.position + self.world_size]
+        self.position += self.world_size
+        return group[self.rank]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch = int(state["epoch"])
+        if epoch != self.epoch:
+            self._bins = self._pack(epoch)
+        self.epoch, self.position = epoch, int(state["position"])
+
+    def single_process(self) -> "PackedBatchIterator":
+        """The same order on one process (from the same position): what every rank's calibration peeks at."""
+        other = PackedBatchIterator(self.lengths, self.budget, self.seed, micro_per_step=self.micro_per_step)
+        other.load_state_dict(self.state_dict())
+        return other

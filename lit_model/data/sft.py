@@ -9,7 +9,7 @@ scores its output against `labels[:, 1:]`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -46,8 +46,9 @@ class SFTDataset(Dataset):
     alone gives exactly the ids generation sees. The first piece gets BOS as the style says (`adds_bos`); with a
     named style every answer is followed by EOS (`appends_eos`); a chat template writes its own end of turn.
 
-    Samples longer than `max_seq_length` keep their beginning (`num_truncated` counts them; a truncated response
-    loses its EOS). `num_without_targets` counts samples with no label to learn from after the training loop's
+    Samples longer than `max_seq_length` keep whole turns where they can: the conversation ends after the last
+    answer that fits (`num_turns_cut` counts the answers dropped); when not even the first answer fits, the sample
+    keeps its first `max_seq_length` tokens (a truncated answer loses its end). `num_truncated` counts both. `num_without_targets` counts samples with no label to learn from after the training loop's
     one-token shift, e.g. a prompt that fills `max_seq_length` with `mask_prompt=True`; they are kept so indices
     match the records, and the loop must not divide by their zero token count.
 
@@ -92,6 +93,7 @@ class SFTDataset(Dataset):
         self.num_truncated = 0
         self.num_cut = 0  # records whose text was cut before tokenizing (see "Huge records"); all are truncated too
         self.num_without_targets = 0
+        self.num_turns_cut = 0  # answers dropped by keeping whole turns
         # The shortest max_seq_length that would give every sample without targets one answer token.
         self.length_for_targets = 0
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, which of them are trained)
@@ -100,7 +102,11 @@ class SFTDataset(Dataset):
             ids, trained, cut = self._sample(conversation, index, tokenizer, prompt_style)
             first = int(trained.nonzero()[0]) if trained.any() else ids.numel()
             if cut or ids.numel() > max_seq_length:
-                ids, trained = ids[:max_seq_length].clone(), trained[:max_seq_length].clone()  # no view of the long one
+                ends = _answer_ends(trained)
+                fitting = [e for e in ends if e <= max_seq_length]
+                keep = fitting[-1] if fitting and len(ends) > 1 else max_seq_length  # whole turns, when any fit
+                self.num_turns_cut += len(ends) - len(fitting) if fitting and len(ends) > 1 else 0
+                ids, trained = ids[:keep].clone(), trained[:keep].clone()  # clone: no view of the longer tensor
                 self.num_truncated += 1
                 self.num_cut += cut
             # After the shift, targets are labels[1:]: a sample needs a trained token after its first position.
@@ -140,6 +146,14 @@ class SFTDataset(Dataset):
     def lengths(self) -> list[int]:
         """Token count of every sample, e.g. for sorting or length-grouped batching."""
         return [ids.numel() for ids, _ in self._samples]
+
+
+def _answer_ends(trained: torch.Tensor) -> list[int]:
+    """The token position right after each answer (each run of trained tokens)."""
+    t = trained.int()
+    edges = (t[1:] - t[:-1]).nonzero().flatten() + 1
+    ends = [int(e) for e in edges if not trained[int(e)]]
+    return ends + ([trained.numel()] if trained.numel() and bool(trained[-1]) else [])
 
 
 def _cut(conversation: Conversation, budget: int) -> Conversation:
@@ -185,6 +199,29 @@ def _field_name(conversation: Conversation, m: int, key: str) -> str:
         return {("user", "content"): "instruction", ("user", "input"): "input"}.get(
             (roles[m], key), "output")
     return f"messages[{m}].{key}"
+
+
+def collate_packed(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Padding-free packing: the samples one after another in a single row, already shifted.
+
+    Each sample contributes its inputs `input_ids[:-1]` and targets `labels[1:]` (shifting the row as a whole would
+    make one sample's last token predict the next sample's first); `segments` are their lengths, so the model keeps
+    attention within each and restarts positions (lit_model.model.GPT.hidden_states). Returns `inputs` and
+    `targets` (1, T) and `segments`; `inputs_targets` reads either kind of batch.
+    """
+    if not samples:
+        raise ValueError("collate_packed needs at least one sample")
+    inputs = torch.cat([s["input_ids"][:-1] for s in samples])[None]  # (1, T)
+    targets = torch.cat([s["labels"][1:] for s in samples])[None]  # (1, T)
+    return {"inputs": inputs, "targets": targets, "segments": [s["input_ids"].numel() - 1 for s in samples]}
+
+
+def inputs_targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Optional[list[int]]]:
+    """(model inputs, targets, packed segments or None) of a batch from `collate` (shifted here) or
+    `collate_packed` (shifted per sample already)."""
+    if "segments" in batch:
+        return batch["inputs"], batch["targets"], batch["segments"]
+    return batch["input_ids"][:, :-1], batch["labels"][:, 1:], None
 
 
 def collate(

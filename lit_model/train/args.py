@@ -145,6 +145,11 @@ class DataArgs:
         mask_prompt: train on response tokens only.
         demo: train and validate on the bundled digit-task set (lit_model/data/demo_tasks.py, 2000 / 150 records) and
             report held-out exact match; default: on for the demo model when no train_file is given.
+        packing: padding-free micro-batches: whole samples packed into one row up to `pack_tokens`, attention kept
+            within each sample (block-diagonal), positions restarting per sample; the loss per token is the padded
+            run's. `--train.micro_batch_size` then only sets the default budget.
+        pack_tokens: the token budget of a packed micro-batch; None: micro_batch_size times the mean sample length,
+            at least the longest sample.
     """
 
     train_file: Optional[Path] = None
@@ -153,9 +158,15 @@ class DataArgs:
     prompt_style: Optional[str] = None
     mask_prompt: bool = True
     demo: Optional[bool] = None
+    packing: bool = False
+    pack_tokens: Optional[int] = None
 
     def problems(self) -> list[str]:
         out = []
+        if self.pack_tokens is not None and self.pack_tokens < 2:
+            out.append(f"--data.pack_tokens must be at least 2 tokens, got {self.pack_tokens}")
+        if self.pack_tokens is not None and not self.packing:
+            out.append("--data.pack_tokens sets the budget of packed micro-batches: add --data.packing true")
         if self.demo and (self.train_file is not None or self.val_file is not None):
             out.append("--data.demo true trains on the bundled task set: leave out --data.train_file/--data.val_file")
         for name in ("train_file", "val_file"):

@@ -3,11 +3,13 @@ samples, identical on every rank."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from lit_model.data import BatchIterator, collate
+from lit_model.data import BatchIterator
+from lit_model.data.batches import PackedBatchIterator
+from lit_model.data.sft import inputs_targets
 from lit_model.dropbp import Mask, allocate
 from lit_model.loss import head_loss
 from lit_model.train.dist import check_same_on_all_ranks, unwrap
@@ -26,17 +28,25 @@ def calibrate_dropbp(s: Session, loop: LoopState) -> None:
     fabric, raw, handler, args, train = s.fabric, unwrap(s.model), s.dropbp, s.job.dropbp, s.job.train
     assert handler is not None
     # Peek at upcoming samples without moving the data position: training still sees them in order.
-    order = BatchIterator(len(s.train_data), train.micro_batch_size, s.job.seed, step_samples=train.global_batch_size)
-    order.load_state_dict(s.batches.state_dict())
-    samples = [collate([s.train_data[i] for i in next(order)]) for _ in range(args.sensitivity_samples)]
-    seq_len = samples[0]["input_ids"].size(1) - 1
+    if isinstance(s.batches, PackedBatchIterator):
+        order: BatchIterator | PackedBatchIterator = s.batches.single_process()
+    else:
+        order = BatchIterator(len(s.train_data), train.micro_batch_size, s.job.seed,
+                              step_samples=train.global_batch_size)
+        order.load_state_dict(s.batches.state_dict())
+    samples = [s.collate([s.train_data[i] for i in next(order)]) for _ in range(args.sensitivity_samples)]
+    first_inputs, _, first_segments = inputs_targets(samples[0])
+    # The attention FLOPs grow with each sequence's own length: a packed row's sequences, not the row.
+    seq_len = round(first_inputs.size(1) / len(first_segments)) if first_segments else first_inputs.size(1)
 
-    def backprop_for(batch: dict[str, torch.Tensor]) -> Callable[[Mask], torch.Tensor]:
-        input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(batch["labels"][:, 1:])
+    def backprop_for(batch: dict[str, Any]) -> Callable[[Mask], torch.Tensor]:
+        inputs, targets, segments = inputs_targets(batch)
+        input_ids, target = fabric.to_device(inputs), fabric.to_device(targets)
 
         def backprop(mask: Mask) -> torch.Tensor:
             with fabric.autocast():  # the unwrapped module: apply the precision's autocast ourselves
-                return head_loss(raw.lm_head, raw(input_ids, drop_mask=mask, return_hidden=True), target)
+                hidden = raw(input_ids, drop_mask=mask, return_hidden=True, segments=segments)
+                return head_loss(raw.lm_head, hidden, target)
 
         return backprop
 

@@ -51,12 +51,13 @@ class LossInForward(torch.nn.Module):
 
     def forward(
         self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, drop_mask: Any = None,
-        return_hidden: bool = False, target: Optional[torch.Tensor] = None,
+        return_hidden: bool = False, target: Optional[torch.Tensor] = None, segments: Optional[list[int]] = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over the labels of `target` (B, T) that are not IGNORE_INDEX; without it, GPT's output."""
         if target is None:
-            return self.gpt(idx, input_pos, drop_mask, return_hidden)
-        return head_loss(self.gpt.lm_head, self.gpt(idx, drop_mask=drop_mask, return_hidden=True), target)
+            return self.gpt(idx, input_pos, drop_mask, return_hidden, segments)
+        hidden = self.gpt(idx, drop_mask=drop_mask, return_hidden=True, segments=segments)
+        return head_loss(self.gpt.lm_head, hidden, target)
 
 
 def unwrap(model: Any) -> GPT:
@@ -67,12 +68,14 @@ def unwrap(model: Any) -> GPT:
 
 
 def forward_loss(
-    fabric: Any, model: Any, input_ids: torch.Tensor, target: torch.Tensor, drop_mask: Any = None
+    fabric: Any, model: Any, input_ids: torch.Tensor, target: torch.Tensor, drop_mask: Any = None,
+    segments: Optional[list[int]] = None,
 ) -> torch.Tensor:
-    """One micro-batch's mean cross-entropy through Fabric's wrapper (inside the forward for `LossInForward`)."""
+    """One micro-batch's mean cross-entropy through Fabric's wrapper (inside the forward for `LossInForward`);
+    `segments`: the lengths of packed samples (lit_model.data.sft.collate_packed)."""
     if isinstance(model.module, LossInForward):
-        return model(input_ids, drop_mask=drop_mask, target=target)
-    hidden = model(input_ids, drop_mask=drop_mask, return_hidden=True)
+        return model(input_ids, drop_mask=drop_mask, target=target, segments=segments)
+    hidden = model(input_ids, drop_mask=drop_mask, return_hidden=True, segments=segments)
     with fabric.autocast():  # the head's matmuls in the mixed-precision dtype, as inside the model
         return head_loss(model.module.lm_head, hidden, target)
 

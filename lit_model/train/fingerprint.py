@@ -58,7 +58,7 @@ def _plain(value: Any) -> Any:
 def run_fingerprint(
     *, base_weights: Path, model_config: Any, mode: str, lora: Any, quantize: Optional[str], optimizer: str,
     badam: Any, train: Any, seed: int, records: Sequence[Mapping[str, Any]], prompt_style: Any,
-    max_seq_length: int, mask_prompt: bool, dropbp: Any, max_steps: int,
+    max_seq_length: int, mask_prompt: bool, dropbp: Any, max_steps: int, packing: Optional[int] = None,
 ) -> dict[str, dict[str, Any]]:
     """{"identity": what must not change on resume, "schedule": what may, when the user allows it}."""
     config = {k: v for k, v in _plain(model_config).items() if k not in ("name", "hf_repo")}  # labels, not shape
@@ -79,6 +79,7 @@ def run_fingerprint(
         "max_seq_length": max_seq_length,
         "mask_prompt": mask_prompt,
         "dropbp": _plain(dropbp),
+        "packing": packing,  # the token budget of a packed micro-batch, or None (padded rows)
     }
     schedule = {
         "max_steps": max_steps,

@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_model.data import IGNORE_INDEX, collate
+from lit_model.data import IGNORE_INDEX
+from lit_model.data.sft import inputs_targets
 from lit_model.train import checkpoints as ckpt
 from lit_model.train.calibrate import calibrate_dropbp
 from lit_model.train.dist import forward_loss, global_sum
@@ -44,12 +45,12 @@ def fit(s: Session, loop: LoopState) -> None:
                 calibrate_dropbp(s, loop)
                 loop.calibration_time += time.perf_counter() - t_step
                 snap = snapshot(s)
-            micro_batches = [collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
+            micro_batches = [s.collate([s.train_data[i] for i in next(s.batches)]) for _ in range(accum)]
             # The label tokens of the whole step on all ranks normalise the loss (accumulation and data parallelism
-            # then equal one large batch); the input tokens feed the throughput.
+            # then equal one large batch); the input tokens (padding included) feed the throughput.
             n_tokens, n_inputs = global_sum(fabric, [
-                sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches),
-                sum(b["input_ids"][:, :-1].numel() for b in micro_batches)])
+                sum(int((inputs_targets(b)[1] != IGNORE_INDEX).sum()) for b in micro_batches),
+                sum(inputs_targets(b)[0].numel() for b in micro_batches)])
             step = loop.step + 1
             if n_tokens == 0:  # the same on every rank: all skip together
                 warnings.warn(f"Step {step}: every label is masked (prompts longer than max_seq_length?); skipped")
@@ -95,13 +96,14 @@ def train_step(s: Session, micro_batches: list[dict[str, torch.Tensor]], n_token
     synced = False
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        input_ids, target = fabric.to_device(batch["input_ids"][:, :-1]), fabric.to_device(batch["labels"][:, 1:])
+        inputs, target, segments = inputs_targets(batch)
+        input_ids, target = fabric.to_device(inputs), fabric.to_device(target)
         mask = s.dropbp.set_dropped_layers() if s.dropbp is not None else None
         with s.sync.micro_batch(last):
             # DDP and FSDP average the ranks' gradients; the world-size factor makes that average the sum over all
             # ranks of (micro-batch loss x its share of the step's tokens), which is the 1-process gradient.
             share = int((target != IGNORE_INDEX).sum()) * world / n_tokens
-            loss = forward_loss(fabric, s.model, input_ids, target, mask) * share
+            loss = forward_loss(fabric, s.model, input_ids, target, mask, segments) * share
             step_loss += loss.detach()
             loss = s.sync.before_backward(loss, mask, last)
             if loss.grad_fn is not None:  # nothing trainable reached this micro-batch: skip only its backward

@@ -14,7 +14,9 @@ from lit_model.badam import BlockOptimizer, BlockOptimizerRatio, default_switch_
 from lit_model.checkpoint_io import LORA_WEIGHTS_NAME, WEIGHTS_NAME, load_checkpoint, load_model
 from lit_model.checkpointing import apply_activation_checkpointing
 from lit_model.config import Config
-from lit_model.data import BatchIterator, Conversation, SFTDataset, load_conversations, split_records
+from lit_model.data import BatchIterator, Conversation, SFTDataset, collate, load_conversations, split_records
+from lit_model.data.batches import PackedBatchIterator
+from lit_model.data.sft import collate_packed
 from lit_model.data.demo_tasks import write_demo_dataset
 from lit_model.dropbp import DropBPHandler
 from lit_model.memory import count_parameters
@@ -51,12 +53,14 @@ def build_session(fabric: Fabric, job: FinetuneJob, resume_from: Optional[Path])
     max_seq_length = min(job.train.max_seq_length or config.block_size, config.block_size)
     train_data, val_data = (make_dataset(c, name, tokenizer, style, max_seq_length, job, fabric)
                             for c, name in ((train, "train"), (val, "validation")))
-    steps_per_epoch = max(1, len(train_data) // job.train.global_batch_size)
+    accum = job.train.global_batch_size // (job.train.micro_batch_size * fabric.world_size)
+    batches, collate_fn = make_batches(train_data, job, fabric, accum)
+    steps_per_epoch = (batches.steps_per_epoch() if isinstance(batches, PackedBatchIterator)
+                       else max(1, len(train_data) // job.train.global_batch_size))
     loop = LoopState(max_steps=job.train.max_steps or job.train.epochs * steps_per_epoch)
     fabric.print(f"Data: {len(train_data)} train / {len(val_data)} validation samples; {loop.max_steps} steps")
     print_distribution(fabric, job)
     model = fabric.setup(LossInForward(model) if is_fsdp(fabric) else model)
-    accum = job.train.global_batch_size // (job.train.micro_batch_size * fabric.world_size)
     dropbp = make_dropbp(unwrap(model), job.dropbp, job.seed, round(job.dropbp.warmup * loop.max_steps) * accum)
     optimizer = fabric.setup_optimizers(make_optimizer(model, job, len(train_data), dropbp))
     if job.optimizer != "adamw":  # BAdam froze all but the active block (or share) just now
@@ -74,12 +78,12 @@ def build_session(fabric: Fabric, job: FinetuneJob, resume_from: Optional[Path])
         base_weights=Path(job.checkpoint_dir) / WEIGHTS_NAME, model_config=config, mode=job.mode, lora=job.adapter,
         quantize=job.quantize, optimizer=job.optimizer, badam=job.badam, train=job.train, seed=job.seed,
         records=train, prompt_style=style, max_seq_length=max_seq_length, mask_prompt=job.data.mask_prompt,
-        dropbp=job.dropbp, max_steps=loop.max_steps)
+        dropbp=job.dropbp, max_steps=loop.max_steps,
+        packing=batches.budget if isinstance(batches, PackedBatchIterator) else None)
     session = Session(
         fabric=fabric, model=model, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, job, loop.max_steps, dropbp),
-        batches=BatchIterator(len(train_data), job.train.micro_batch_size, job.seed, fabric.global_rank,
-                              fabric.world_size, step_samples=job.train.global_batch_size),
+        batches=batches, collate=collate_fn,
         train_data=train_data, val_data=val_data, job=job, tokenizer=tokenizer, prompt_style=style,
         sample=(val or train)[0], sync=make_grad_sync(fabric, model, optimizer, job, dropbp),
         # Under FSDP the unwrapped module holds shards: generation must go through the wrapper, which gathers them.
@@ -87,6 +91,22 @@ def build_session(fabric: Fabric, job: FinetuneJob, resume_from: Optional[Path])
         fingerprint=fingerprint)
     n_exact = job.eval.exact_match if job.eval.exact_match is not None else (DEMO_EXACT_MATCH if is_demo else 0)
     return session, loop, val[:n_exact]
+
+
+def make_batches(data: SFTDataset, job: FinetuneJob, fabric: Fabric, accum: int
+                 ) -> tuple[BatchIterator | PackedBatchIterator, Callable[[list[dict[str, Any]]], dict[str, Any]]]:
+    """The order of the training samples and how a micro-batch is made of them: padded rows of
+    --train.micro_batch_size samples, or with --data.packing one row of whole samples up to a token budget."""
+    if not job.data.packing:
+        return BatchIterator(len(data), job.train.micro_batch_size, job.seed, fabric.global_rank, fabric.world_size,
+                             step_samples=job.train.global_batch_size), collate
+    lengths = [n - 1 for n in data.lengths()]  # what a sample puts in the packed row: its inputs
+    # By default as many samples per micro-batch as padding would hold on average, and room for the longest one.
+    budget = job.data.pack_tokens or max(round(job.train.micro_batch_size * sum(lengths) / len(lengths)), max(lengths))
+    batches = PackedBatchIterator(lengths, budget, job.seed, fabric.global_rank, fabric.world_size, accum)
+    fabric.print(f"Packing: micro-batches of up to {budget} tokens, {batches.bins_per_epoch} per epoch "
+                 f"({sum(lengths) / (batches.bins_per_epoch * budget):.0%} full)")
+    return batches, collate_packed
 
 
 def make_dataset(conversations: list[Conversation], name: str, tokenizer: Tokenizer, style: PromptStyle,
