@@ -191,3 +191,45 @@ def test_model_flops_follow_the_palm_formula(bench) -> None:
     n_matrix = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
     assert bench.model_flops_per_token(config, 2048) == 6 * n_matrix + 12 * 32 * 2048 * 4096
     assert bench.device_peak_tflops("cpu", "bf16-true") is None
+
+
+# ---- scripts/benchmark_packing.py ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packing():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    yield load_script("scripts/benchmark_packing.py")
+    sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_packing_benchmark_covers_the_same_samples_without_padding(packing, tmp_path, capsys) -> None:
+    rows = packing.benchmark_packing(samples=16, micro_batch_size=4, warmup_steps=0, rates=(0.0, 0.5),
+                                     overrides={**TINY, "block_size": 1024}, json_out=tmp_path / "p.json")
+    assert {(r["mode"], r["impl"], r["drop_rate"]) for r in rows} == {
+        (m, impl, p) for m in ("full", "lora") for impl in ("ours padded", "ours packed") for p in (0.0, 0.5)
+    } | {("full", "litgpt padded", 0.0), ("lora", "litgpt padded", 0.0)}
+    lengths = json.loads((tmp_path / "p.json").read_text())["lengths"]
+    for r in rows:
+        assert r["useful_tokens"] == sum(n - 1 for n in lengths)  # 16 samples, 4 full micro-batches: all of them
+        if r["impl"] == "ours packed":
+            assert r["computed_tokens"] == r["useful_tokens"]  # no padding at all
+        else:
+            assert r["computed_tokens"] > r["useful_tokens"]  # padded to the longest of each micro-batch
+    assert "| full | ours packed | 0 |" in capsys.readouterr().out
+
+
+def test_alpaca_like_lengths_are_seeded_and_long_tailed(packing) -> None:
+    a, b = packing.alpaca_like_lengths(4000, seed=1), packing.alpaca_like_lengths(4000, seed=1)
+    assert a == b and a != packing.alpaca_like_lengths(4000, seed=2)
+    a.sort()
+    assert 110 <= a[2000] <= 130 and 240 <= a[3600] <= 280 and min(a) >= 24 and max(a) <= 1024  # median, p90
+
+
+def test_packing_benchmark_refuses_a_packed_step_that_differs(packing, monkeypatch) -> None:
+    # Segments ignored (one long causal row): the packed loss then differs from the padded one, and the run stops.
+    real = packing.collate_packed
+    monkeypatch.setattr(packing, "collate_packed", lambda s: {**real(s), "segments": None})
+    with pytest.raises(RuntimeError, match="packed loss .* != padded loss"):
+        packing.benchmark_packing(samples=8, micro_batch_size=4, warmup_steps=0, rates=(0.0,), peer=None,
+                                  modes=("full",), overrides={**TINY, "block_size": 1024})
