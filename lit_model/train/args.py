@@ -3,11 +3,13 @@ the job that a script builds from them, and the validation that lists every prob
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from lit_model.checkpoint_io import check_checkpoint_dir
+from lit_model.data.formats import FORMAT_CHOICES
 from lit_model.errors import CorruptFileError
 from lit_model.peft.lora import LoRAConfig
 from lit_model.precision import canonical
@@ -135,14 +137,26 @@ class DataArgs:
     """Training data.
 
     Args:
-        train_file: Alpaca-style JSON or JSONL (instruction, input, output). None: the bundled demo task set for the
-            demo model, else data/alpaca/train.json (made by scripts/prepare_alpaca.py).
-        val_file: validation records; None: split `val_split_fraction` off the training file.
-        val_split_fraction: share of the training records held out when there is no val_file.
+        train_file: a JSON, JSONL or Parquet file of Alpaca records (instruction, input, output), OpenAI-style
+            conversations ({"messages": [{"role", "content"}, ...]}) or ShareGPT conversations ({"conversations":
+            [{"from", "value"}, ...]}). None (and no `dataset`): the bundled demo task set for the demo model, else
+            data/alpaca/train.json (made by scripts/prepare_alpaca.py).
+        val_file: validation records, in any of those formats; None: `val_split` of `dataset`, else
+            `val_split_fraction` held out of the training records.
+        val_split_fraction: share of the training records held out when there is no val_file or val_split.
+        format: auto (each file's format from its first record's keys), alpaca, messages or sharegpt; every record
+            of a file must be of its format. Conversations need an optional system message first, then user and
+            assistant in turn, ending with an answer (at least one with text).
+        dataset: instead of train_file, a `datasets` dataset (pip install 'lit-dropbp[datasets]'): a directory
+            written by save_to_disk, a directory of data files, or a Hub name (downloaded when online). No dataset's
+            own code is run (never trust_remote_code).
+        split: the split of `dataset` to train on.
+        val_split: a split of `dataset` to validate on (e.g. test); None: `val_file`, else `val_split_fraction`.
         prompt_style: prompt template name (alpaca, plain, llama3, chatml, ..., or chat_template for the
             checkpoint's own Jinja template); None: the checkpoint's prompt_style.yaml, else its chat template, else
             the default for the model family (alpaca for base models).
-        mask_prompt: train on response tokens only.
+        mask_prompt: train on the assistant's answers only (every answer of a conversation, each with the end of
+            turn the template writes after it); false: on every token.
         demo: train and validate on the bundled digit-task set (lit_model/data/demo_tasks.py, 2000 / 150 records) and
             report held-out exact match; default: on for the demo model when no train_file is given.
         packing: padding-free micro-batches: whole samples packed into one row up to `pack_tokens`, attention kept
@@ -155,6 +169,10 @@ class DataArgs:
     train_file: Optional[Path] = None
     val_file: Optional[Path] = None
     val_split_fraction: float = 0.05
+    format: str = "auto"
+    dataset: Optional[str] = None
+    split: str = "train"
+    val_split: Optional[str] = None
     prompt_style: Optional[str] = None
     mask_prompt: bool = True
     demo: Optional[bool] = None
@@ -167,14 +185,36 @@ class DataArgs:
             out.append(f"--data.pack_tokens must be at least 2 tokens, got {self.pack_tokens}")
         if self.pack_tokens is not None and not self.packing:
             out.append("--data.pack_tokens sets the budget of packed micro-batches: add --data.packing true")
-        if self.demo and (self.train_file is not None or self.val_file is not None):
-            out.append("--data.demo true trains on the bundled task set: leave out --data.train_file/--data.val_file")
+        if self.demo and (self.train_file is not None or self.val_file is not None or self.dataset is not None):
+            out.append("--data.demo true trains on the bundled task set: leave out --data.train_file/--data.val_file/"
+                       "--data.dataset")
         for name in ("train_file", "val_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 out.append(f"--data.{name} {str(path)!r} does not exist")
         if not 0.0 < self.val_split_fraction < 1.0:
             out.append(f"--data.val_split_fraction must be in (0, 1), got {self.val_split_fraction}")
+        if self.format not in FORMAT_CHOICES:
+            out.append(f"--data.format must be one of {', '.join(FORMAT_CHOICES)}, got {self.format!r}")
+        out += self._dataset_problems()
+        return out
+
+    def _dataset_problems(self) -> list[str]:
+        """--data.dataset and its splits: one source of training data, splits only of a dataset."""
+        if self.dataset is None:
+            return [f"--data.{name} picks a split of --data.dataset, which is not given"
+                    for name, value, unset in (("split", self.split, "train"), ("val_split", self.val_split, None))
+                    if value != unset]
+        out = []
+        if self.train_file is not None:
+            out.append("--data.dataset and --data.train_file are two sources of training data: give one")
+        if self.val_split is not None and self.val_file is not None:
+            out.append("--data.val_split and --data.val_file are two sources of validation data: give one")
+        if self.val_split is not None and self.val_split == self.split:
+            out.append(f"--data.val_split {self.val_split!r} is the training split: validate on another split, or "
+                       "leave it out to hold out --data.val_split_fraction")
+        if importlib.util.find_spec("datasets") is None:
+            out.append("--data.dataset needs the datasets package: pip install 'lit-dropbp[datasets]'")
         return out
 
 

@@ -14,7 +14,8 @@ from lit_model.badam import BlockOptimizer, BlockOptimizerRatio, default_switch_
 from lit_model.checkpoint_io import LORA_WEIGHTS_NAME, WEIGHTS_NAME, load_checkpoint, load_model
 from lit_model.checkpointing import apply_activation_checkpointing
 from lit_model.config import Config
-from lit_model.data import BatchIterator, Conversation, SFTDataset, collate, load_conversations, split_records
+from lit_model.data import (BatchIterator, Conversation, SFTDataset, collate, load_conversations,
+                            load_dataset_conversations, split_records)
 from lit_model.data.batches import PackedBatchIterator
 from lit_model.data.sft import collate_packed
 from lit_model.data.demo_tasks import write_demo_dataset
@@ -169,26 +170,33 @@ def load_trained_weights(model: GPT, checkpoint: Path, job: FinetuneJob) -> None
 def load_conversations_for(job: FinetuneJob, config: Config
                            ) -> tuple[list[Conversation], list[Conversation], bool]:
     """Training and validation conversations, and whether they are the bundled demo task set."""
-    train_file = job.data.train_file
-    demo = job.data.demo if job.data.demo is not None else (train_file is None and config.name == "demo")
+    data = job.data
+    train_file = data.train_file
+    demo = data.demo if data.demo is not None else (train_file is None and data.dataset is None
+                                                    and config.name == "demo")
     if demo:
         train_file, val_file = write_demo_dataset(Path(job.out_dir) / "data")
         return load_conversations(train_file), load_conversations(val_file), True
-    if train_file is None:
-        train_file = Path("data/alpaca/train.json")
-        if not train_file.is_file():
-            raise FileNotFoundError(
-                "No --data.train_file given and data/alpaca/train.json does not exist. Run "
-                "`python scripts/prepare_alpaca.py`, pass --data.train_file your.json[l], or train on the bundled "
-                "digit tasks with --data.demo true."
-            )
-        val_default = train_file.with_name("val.json")
-        if job.data.val_file is None and val_default.is_file():
-            job.data.val_file = val_default
-    records = load_conversations(Path(train_file))
-    if job.data.val_file is not None:
-        return records, load_conversations(Path(job.data.val_file)), False
-    train, val = split_records(records, job.data.val_split_fraction, job.seed)
+    if data.dataset is not None:
+        records = load_dataset_conversations(data.dataset, data.split, data.format)
+        if data.val_split is not None:
+            return records, load_dataset_conversations(data.dataset, data.val_split, data.format), False
+    else:
+        if train_file is None:
+            train_file = Path("data/alpaca/train.json")
+            if not train_file.is_file():
+                raise FileNotFoundError(
+                    "No --data.train_file given and data/alpaca/train.json does not exist. Run "
+                    "`python scripts/prepare_alpaca.py`, pass --data.train_file your.json[l] (or --data.dataset), or "
+                    "train on the bundled digit tasks with --data.demo true."
+                )
+            val_default = train_file.with_name("val.json")
+            if data.val_file is None and val_default.is_file():
+                data.val_file = val_default
+        records = load_conversations(Path(train_file), data.format)
+    if data.val_file is not None:
+        return records, load_conversations(Path(data.val_file), data.format), False
+    train, val = split_records(records, data.val_split_fraction, job.seed)
     return train, val, False
 
 
