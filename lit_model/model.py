@@ -305,6 +305,16 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def resize(self, max_seq_length: int) -> None:
+        """Reallocate for `max_seq_length` positions, keeping the first min(old, new) positions' keys and values."""
+        B, G, S, hs = self.k.shape
+        keep = min(S, max_seq_length)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((B, G, max_seq_length, hs))  # (B, ng, max_seq_length, hs)
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)  # replaces the registered (non-persistent) buffer
+
 
 # ---- RoPE ----------------------------------------------------------------------------------------------------------
 
