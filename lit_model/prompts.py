@@ -41,7 +41,9 @@ class _Tokenizer(Protocol):
 
     eos_id: int | None
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> torch.Tensor: ...
+    def encode(
+        self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1, special: bool = False
+    ) -> torch.Tensor: ...
 
     def decode(self, ids: torch.Tensor) -> str: ...
 
@@ -161,6 +163,29 @@ class PromptStyle:
         if not conversation or conversation[-1].get("role") != "user":
             raise ValueError("A prompt needs a conversation that ends with a user message")
         return "".join(text for text, _ in self.segments([*conversation, {"role": "assistant", "content": ""}])[:-1])
+
+    def prompt_ids(self, conversation: Sequence[dict[str, Any]], tokenizer: _Tokenizer) -> list[int]:
+        """The token ids before the model's next answer, for a conversation that ends with the user's turn (a chat's
+        next prompt: the conversation so far and the generation prompt).
+
+        A chat template: the template's text of the whole conversation with the generation prompt, encoded at once,
+        as `apply_chat_template(..., tokenize=True)` and single-turn generation encode it. It is not built from
+        `segments`, so a template that renders earlier turns differently as the conversation grows (dropping old
+        reasoning, numbering turns) is followed exactly. A named style: its turns encoded one by one as training
+        encodes them (lit_model.data.sft): BOS as `adds_bos` says, EOS after every answer (`appends_eos`).
+        """
+        if not conversation or conversation[-1].get("role") != "user":
+            raise ValueError("A prompt needs a conversation that ends with a user message")
+        if self.chat_template:
+            messages = [self._template_message(m) for m in self._with_system(conversation)]
+            text = self.render(messages, add_generation_prompt=True)
+            return [int(i) for i in tokenizer.encode(text, bos=self.adds_bos, special=True)]
+        pieces = self.segments([*conversation, {"role": "assistant", "content": ""}])[:-1]
+        ids: list[int] = []
+        for i, (text, is_answer) in enumerate(pieces):
+            ids += [int(t) for t in tokenizer.encode(text, bos=self.adds_bos if i == 0 else False,
+                                                     eos=is_answer and self.appends_eos)]
+        return ids
 
     def segments(self, conversation: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
         """The conversation's text in pieces, each with whether it is trained: the assistant's answers are, the rest
