@@ -168,3 +168,179 @@ def test_training_uses_saves_and_prints_the_checkpoints_template(tiny_checkpoint
     assert f"Prompts: the chat template of {d}" in capsys.readouterr().out
     saved = load_prompt_style(tmp_path / "out" / "final")
     assert saved.chat_template == SMOLLM2 and saved.stop_strings == ("<|im_end|>",)
+
+
+# ---- multi-turn conversations: every answer trained, everything else masked ------------------------------------
+
+CONVERSATION = [
+    {"role": "user", "content": "Say Paris."},
+    {"role": "assistant", "content": "Paris"},
+    # The answer's text also stands in the user's turns: a mask found by searching the text would go wrong here.
+    {"role": "user", "content": "Paris again, then Rome, of course."},
+    {"role": "assistant", "content": "Paris"},
+    {"role": "user", "content": "Now Italy's?"},
+    {"role": "assistant", "content": "Rome, of course."},
+]
+WITH_SYSTEM = [{"role": "system", "content": "Answer in one word."}, *CONVERSATION]
+# ChatML with transformers' generation markers around each answer and its end of turn, as templates that support
+# `return_assistant_tokens_mask` write them.
+CHATML_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _trained(sample: dict) -> list[int]:
+    return [int(label != IGNORE_INDEX) for label in sample["labels"]]
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATION, WITH_SYSTEM], ids=["no-system", "system"])
+def test_multi_turn_masks_equal_transformers_assistant_masks(chat_tokenizer_json, tmp_path, conversation) -> None:
+    from transformers import AutoTokenizer
+
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path, eos="<|im_end|>", template=CHATML_GENERATION)
+    hf = AutoTokenizer.from_pretrained(d)
+    expected = hf.apply_chat_template(conversation, tokenize=True, return_assistant_tokens_mask=True,
+                                      return_dict=True)
+    assert sum(expected["assistant_masks"]) > 0  # the oracle does mark the answers
+    sample = SFTDataset([conversation], Tokenizer(d), PromptStyle.from_checkpoint(d), 512)[0]
+    assert sample["input_ids"].tolist() == list(expected["input_ids"])
+    assert _trained(sample) == list(expected["assistant_masks"])
+    assert torch.equal(sample["labels"][sample["labels"] != IGNORE_INDEX],
+                       sample["input_ids"][torch.tensor(expected["assistant_masks"], dtype=torch.bool)])
+
+
+def test_text_the_template_writes_after_the_generation_marker_is_trained_too(chat_tokenizer_json, tmp_path) -> None:
+    """A template whose marker ends before the newline after the end of turn: transformers' mask leaves that newline
+    out, ours trains it (an answer's piece runs to where the template's next turn begins): the masks differ by
+    exactly that token after every answer."""
+    from transformers import AutoTokenizer
+
+    template = CHATML_GENERATION.replace("'<|im_end|>\\n' }}{% endgeneration %}",
+                                         "'<|im_end|>' }}{% endgeneration %}{{ '\\n' }}")
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path, eos="<|im_end|>", template=template)
+    hf = AutoTokenizer.from_pretrained(d)
+    expected = hf.apply_chat_template(CONVERSATION, tokenize=True, return_assistant_tokens_mask=True,
+                                      return_dict=True)
+    ours = _trained(SFTDataset([CONVERSATION], Tokenizer(d), PromptStyle.from_checkpoint(d), 512)[0])
+    ids, end = expected["input_ids"], hf.convert_tokens_to_ids("<|im_end|>")
+    newline = hf.encode("\n", add_special_tokens=False)
+    extra = [i for i, (a, b) in enumerate(zip(ours, expected["assistant_masks"])) if a != b]
+    assert len(newline) == 1 and len(extra) == 3
+    assert all(ours[i] == 1 and ids[i] == newline[0] and ids[i - 1] == end and expected["assistant_masks"][i - 1]
+               for i in extra)
+
+
+def test_truncation_keeps_whole_turns(chat_tokenizer_json, tmp_path) -> None:
+    """A conversation longer than max_seq_length ends after the last answer that fits: the sample is transformers'
+    sample of the shorter conversation, and the answers cut are counted."""
+    from transformers import AutoTokenizer
+
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path, eos="<|im_end|>", template=CHATML_GENERATION)
+    hf, tok, style = AutoTokenizer.from_pretrained(d), Tokenizer(d), PromptStyle.from_checkpoint(d)
+    two = hf.apply_chat_template(WITH_SYSTEM[:5], tokenize=True, return_assistant_tokens_mask=True, return_dict=True)
+    full = hf.apply_chat_template(WITH_SYSTEM, tokenize=True)["input_ids"]
+    for max_seq_length in (len(two["input_ids"]), len(full) - 1):
+        data = SFTDataset([WITH_SYSTEM], tok, style, max_seq_length)
+        assert data[0]["input_ids"].tolist() == list(two["input_ids"])
+        assert _trained(data[0]) == list(two["assistant_masks"])
+        assert data.num_turns_cut == 1 and data.num_truncated == 1
+    data = SFTDataset([WITH_SYSTEM], tok, style, len(full))
+    assert data[0]["input_ids"].tolist() == list(full) and data.num_turns_cut == data.num_truncated == 0
+
+
+# What each official template writes around an answer (before its text, after it up to the next turn), by hand.
+ANSWER_FRAMES = {"llama3-0": ("", "<|eot_id|>"), "llama2-chat-2": (" ", " </s>"), "mistral-4": ("", "</s>"),
+                 "mistral-v0.3-5": (" ", "</s>"), "chatml-7": ("", "<|im_end|>\n"), "qwen2.5-9": ("", "<|im_end|>\n"),
+                 "gemma-11": ("", "<end_of_turn>\n"), "tinyllama-14": ("", "</s>\n"), "smollm2": ("", "<|im_end|>\n")}
+
+
+@pytest.mark.parametrize("name", list(ANSWER_FRAMES))
+def test_multi_turn_masks_of_official_templates_by_hand(chat_tokenizer_json, tmp_path, name) -> None:
+    """Templates without generation markers: the ids are transformers', and the labels are exactly each answer's text
+    in its frame, starting where transformers' prompt for that answer ends."""
+    from transformers import AutoTokenizer
+
+    template, eos = TEMPLATES[name]
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path, eos=eos, template=template)
+    hf = AutoTokenizer.from_pretrained(d)
+    sample = SFTDataset([CONVERSATION], Tokenizer(d), PromptStyle.from_checkpoint(d), 512)[0]
+    assert sample["input_ids"].tolist() == hf.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"]
+    before, after = ANSWER_FRAMES[name]
+    expected = torch.full_like(sample["labels"], IGNORE_INDEX)
+    for j, message in enumerate(CONVERSATION):
+        if message["role"] != "assistant":
+            continue
+        start = len(hf.apply_chat_template(CONVERSATION[:j], tokenize=True, add_generation_prompt=True)["input_ids"])
+        answer = hf.encode(before + message["content"] + after, add_special_tokens=False)
+        expected[start:start + len(answer)] = torch.tensor(answer)
+    assert torch.equal(sample["labels"], expected)
+
+
+def test_a_template_that_ends_differently_when_done_is_refused_for_several_turns(chat_tokenizer_json, tmp_path) -> None:
+    """Phi-3's template writes EOS after the last message unless it prompts for an answer, so the text up to a later
+    answer does not extend the text through an earlier one: its answers cannot be told apart by rendering, and the
+    error says what to do (one turn still works, test_text_and_ids_equal_transformers)."""
+    template, eos = TEMPLATES["phi3-12"]
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path, eos=eos, template=template)
+    with pytest.raises(ValueError, match=r"renders a conversation inconsistently: the text up to answer 2 .* Pass a "
+                                         r"named --data\.prompt_style instead"):
+        SFTDataset([CONVERSATION], Tokenizer(d), PromptStyle.from_checkpoint(d), 512)
+
+
+def test_smollm2_template_masks_equal_its_generation_marked_twin(chat_tokenizer_json, tmp_path) -> None:
+    """SmolLM2's own template has no generation markers; the same template with markers around each answer and its
+    end of turn renders the same text, and transformers' mask of that twin is ours of the original."""
+    from transformers import AutoTokenizer
+
+    turn = "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    assert turn in SMOLLM2
+    marked = SMOLLM2.replace(turn, "{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['role'] == 'assistant' %}"
+                                   "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+                                   "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}")
+    d = _tokenizer_dir(chat_tokenizer_json, tmp_path / "smollm2", eos="<|im_end|>", template=SMOLLM2)
+    twin = _tokenizer_dir(chat_tokenizer_json, tmp_path / "twin", eos="<|im_end|>", template=marked)
+    hf, hf_twin = AutoTokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(twin)
+    for conversation in (CONVERSATION, WITH_SYSTEM):
+        assert hf.apply_chat_template(conversation, tokenize=False) == hf_twin.apply_chat_template(
+            conversation, tokenize=False)
+        expected = hf_twin.apply_chat_template(conversation, tokenize=True, return_assistant_tokens_mask=True,
+                                               return_dict=True)
+        sample = SFTDataset([conversation], Tokenizer(d), PromptStyle.from_checkpoint(d), 512)[0]
+        assert sample["input_ids"].tolist() == list(expected["input_ids"])
+        assert _trained(sample) == list(expected["assistant_masks"])
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca"])
+def test_multi_turn_masks_of_named_styles_by_hand(chat_tokenizer_json, tmp_path, name) -> None:
+    """A named style renders turn after turn: each user turn through the style's template (the conversation's system
+    prompt in the first), each answer trained and followed by EOS; the pieces are written out here by hand."""
+    tok = Tokenizer(_tokenizer_dir(chat_tokenizer_json, tmp_path))
+    style = PROMPT_STYLES[name]
+    conversation = CONVERSATION if name == "alpaca" else WITH_SYSTEM  # Alpaca has no place for a system prompt
+    q1, a1, q2, a2, q3, a3 = (m["content"] for m in CONVERSATION)
+    if name == "chatml":
+        turns = ["<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n" + q1 + "<|im_end|>\n"
+                 "<|im_start|>assistant\n"] + [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+                                               for q in (q2, q3)]
+    elif name == "llama3":
+        head = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>"
+        turns = [head.format("system", "Answer in one word.") + head.format("user", q) if i == 0 else
+                 head.format("user", q) for i, q in enumerate((q1, q2, q3))]
+        turns = [t + "<|start_header_id|>assistant<|end_header_id|>\n\n" for t in turns]
+    else:
+        turns = ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 f"request.\n\n### Instruction:\n{q}\n\n### Response:\n" for q in (q1, q2, q3)]
+    ids, labels = [], []
+    for i, (prompt, answer) in enumerate(zip(turns, (a1, a2, a3))):
+        prompt_ids = tok.encode(prompt, bos=None if i == 0 else False).tolist()
+        answer_ids = tok.encode(answer, bos=False, eos=True).tolist()
+        assert answer_ids[-1] == tok.eos_id
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    sample = SFTDataset([conversation], tok, style, 512)[0]
+    assert sample["input_ids"].tolist() == ids
+    assert sample["labels"].tolist() == labels
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
