@@ -112,3 +112,111 @@ def test_qlora_and_dropbp_run(smollm2, tmp_path, variant) -> None:
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert metrics["val_loss"] < metrics["val_loss_before"] + 0.5
     assert (tmp_path / "out" / "final" / "lit_model.lora.pth").is_file()
+
+
+# ---- multi-turn conversations on the real model and its own chat template -------------------------------------------
+
+MULTI_TURN = [
+    [{"role": "system", "content": "You are a concise geography tutor."},
+     {"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris."},
+     {"role": "user", "content": "And of Italy? Answer like before, Paris-style."},
+     {"role": "assistant", "content": "Rome. It has been the capital since 1871."}],
+    [{"role": "user", "content": "Name a primary colour."},
+     {"role": "assistant", "content": "Red."},
+     {"role": "user", "content": "Another one?"},
+     {"role": "assistant", "content": "Blue, and then yellow."},
+     {"role": "user", "content": "Which is warmest?"},
+     {"role": "assistant", "content": "Red is usually called the warmest."}],
+]
+MULTI_TURN_VAL = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "And times 3?"}, {"role": "assistant", "content": "12."}],
+    [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}],
+]
+
+
+def _expected_labels(hf_tok, conversation: list[dict]) -> list[int]:
+    """Labels computed with transformers alone: -100 everywhere but each answer, which is its text's ids, then
+    <|im_end|> and the newline SmolLM2's template writes after it, starting where transformers' prompt for that
+    answer (the conversation before it, with the generation prompt) ends."""
+    ids = hf_tok.apply_chat_template(conversation, tokenize=True)["input_ids"]
+    labels = [-100] * len(ids)
+    end, newline = hf_tok.convert_tokens_to_ids("<|im_end|>"), hf_tok.encode("\n", add_special_tokens=False)
+    for j, message in enumerate(conversation):
+        if message["role"] == "assistant":
+            start = len(hf_tok.apply_chat_template(conversation[:j], tokenize=True,
+                                                   add_generation_prompt=True)["input_ids"])
+            answer = hf_tok.encode(message["content"], add_special_tokens=False) + [end] + newline
+            assert ids[start:start + len(answer)] == answer  # the rendered conversation holds it there
+            labels[start:start + len(answer)] = answer
+    return labels
+
+
+def _jsonl(path: Path, conversations: list[list[dict]], fmt: str) -> Path:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    records = ([{"messages": c} for c in conversations] if fmt == "messages" else
+               [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]}
+                for c in conversations])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_multi_turn_labels_are_exactly_the_answers(smollm2, tmp_path) -> None:
+    """The "done when" of multi-turn data: a JSONL of conversations tokenized for the real model holds transformers'
+    ids, and its label ids are exactly every answer's ids and the end of turn after it, nothing else."""
+    from transformers import AutoTokenizer
+
+    from lit_model.config import Config
+    from lit_model.data import SFTDataset, load_conversations
+
+    directory, _ = smollm2
+    conversations = load_conversations(_jsonl(tmp_path / "chats.jsonl", MULTI_TURN, "messages"))
+    assert conversations == MULTI_TURN
+    config = Config.from_checkpoint(directory)
+    style, source = resolve_prompt_style(None, directory, config.hf_repo or config.name)  # as training resolves it
+    assert "chat template" in source
+    data = SFTDataset(conversations, Tokenizer(directory), style, max_seq_length=config.block_size)
+    hf_tok = AutoTokenizer.from_pretrained(directory)  # the checkpoint's tokenizer files, read by transformers
+    for conversation, sample in zip(conversations, data):
+        assert sample["input_ids"].tolist() == hf_tok.apply_chat_template(conversation, tokenize=True)["input_ids"]
+        assert sample["labels"].tolist() == _expected_labels(hf_tok, conversation)
+    assert data.num_truncated == 0 and data.num_without_targets == 0
+
+
+def test_a_multi_turn_jsonl_trains_on_the_real_model(smollm2, hf, tmp_path, capsys) -> None:
+    """A short LoRA run on multi-turn JSONL files (OpenAI messages to train, ShareGPT to validate) finishes, and its
+    first step's loss is transformers' cross-entropy over the answer tokens alone (the adapters start at zero)."""
+    from lit_model.peft.lora import LoRAConfig
+
+    directory, _ = smollm2
+    hf_model, hf_tok = hf
+    train_file = _jsonl(tmp_path / "train.jsonl", MULTI_TURN, "messages")
+    val_file = _jsonl(tmp_path / "val.jsonl", MULTI_TURN_VAL, "sharegpt")
+    lora = load_script("finetune/lora.py")
+    metrics = lora.setup(checkpoint_dir=directory, out_dir=tmp_path / "out",
+                         data=DataArgs(train_file=train_file, val_file=val_file),
+                         train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_steps=2, learning_rate=2e-3,
+                                         lr_warmup_steps=0),
+                         eval=EvalArgs(interval=100, exact_match=0, max_new_tokens=4),
+                         lora=LoRAConfig(r=8, alpha=16, mlp=True))
+    assert "Data: 2 train / 2 validation samples; 2 steps" in capsys.readouterr().out
+    losses = logged_losses(tmp_path / "out")
+    assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert torch.isfinite(torch.tensor(metrics["val_loss"]))
+    assert (tmp_path / "out" / "final" / "lit_model.lora.pth").is_file()
+    # Step 1 holds both training conversations: its loss is the mean over their answer tokens (all tokens of the
+    # step normalise it), computed here with transformers' model and the labels of transformers' tokenizer.
+    answer_sum, answer_count, all_sum, all_count = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for conversation in MULTI_TURN:
+            ids = torch.tensor(hf_tok.apply_chat_template(conversation, tokenize=True)["input_ids"])
+            labels = torch.tensor(_expected_labels(hf_tok, conversation))
+            logits = hf_model(ids[None]).logits[0, :-1].float()
+            answer_sum += float(torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum"))
+            answer_count += int((labels[1:] != -100).sum())
+            all_sum += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            all_count += ids.numel() - 1
+    expected = answer_sum / answer_count
+    assert abs(all_sum / all_count - expected) > 0.1  # the check tells the two apart
+    assert losses[1] == pytest.approx(expected, rel=1e-3), (losses[1], expected, all_sum / all_count)
