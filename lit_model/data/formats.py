@@ -146,7 +146,8 @@ def _message_hint(fmt: str, item: dict) -> str:
     other = "sharegpt" if fmt == "messages" else "messages"
     _, role_key, text_key = _KEYS[other]
     if role_key in item and text_key in item:
-        return f"; its {role_key}/{text_key} are the {other} format's names: rename them to {_KEYS[fmt][1]}/{_KEYS[fmt][2]}"
+        _, own_role, own_text = _KEYS[fmt]
+        return f"; its {role_key}/{text_key} are the {other} format's names: rename them to {own_role}/{own_text}"
     return ""
 
 
