@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -66,16 +66,21 @@ def main(
     outputs = []
     stops = style.stop_tokens(tokenizer)
     for _ in range(num_samples):
-        t0, tokens, printed = time.perf_counter(), [], ""
-        with autocast(precision, device):  # a no-op for *-true; the tokens are produced inside the loop
-            for token in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator):
+        t0, tokens = time.perf_counter(), []
+
+        def recorded(stream: Iterator[int]) -> Iterator[int]:
+            for token in stream:
                 tokens.append(token)
-                text = tokenizer.decode(tokens)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(text[len(printed):], end="", flush=True)
-                    printed = text
+                yield token
+
+        with autocast(precision, device):  # a no-op for *-true; the tokens are produced inside the loop
+            stream = generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator)
+            # decode_stream decodes a few ids per token (not the whole answer again) and holds back a multi-byte
+            # character until it is complete.
+            for piece in tokenizer.decode_stream(recorded(stream)):
+                print(piece, end="", flush=True)
+        print(flush=True)
         text = tokenizer.decode(tokens)
-        print(text[len(printed):], flush=True)
         elapsed = time.perf_counter() - t0
         print(f"{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s", file=sys.stderr)
         outputs.append(text)
