@@ -273,8 +273,11 @@ def test_a_directory_of_data_files_loads_without_running_code(tmp_path, datasets
 
 
 def test_hub_names_offline_and_unreachable(tmp_path, datasets_cache, monkeypatch) -> None:
-    with pytest.raises(ConnectionError, match=r"--data\.dataset 'someone/chats' is not a local directory, and the Hub "
-                                              r"is off \(HF_HUB_OFFLINE is set\)"):
+    from lit_model.cli import is_user_error
+    from lit_model.data.records import HubUnreachableError
+
+    with pytest.raises(HubUnreachableError, match=r"--data\.dataset 'someone/chats' is not a local directory, and the "
+                                                  r"Hub is off \(HF_HUB_OFFLINE is set\)"):
         load_dataset_conversations("someone/chats")
     monkeypatch.setattr(datasets_cache.config, "HF_HUB_OFFLINE", False)
 
@@ -283,8 +286,9 @@ def test_hub_names_offline_and_unreachable(tmp_path, datasets_cache, monkeypatch
 
     monkeypatch.setattr(datasets_cache, "load_dataset", unreachable)
     with pytest.raises(ConnectionError, match=r"'someone/chats' is not a local directory and the Hub cannot be reached "
-                                              r"\(Couldn't reach"):
+                                              r"\(Couldn't reach") as caught:
         load_dataset_conversations("someone/chats")
+    assert is_user_error(caught.value)  # the CLI prints it as one line, no traceback
     for path in ("./missing", str(tmp_path / "missing"), "a/b/c", "chats.jsonl"):
         with pytest.raises(FileNotFoundError, match=r"No dataset directory at .*it is no Hub name"):
             load_dataset_conversations(path)
@@ -317,13 +321,17 @@ def test_data_args_problems(tmp_path, kwargs, match) -> None:
     assert DataArgs(train_file=file, format="sharegpt").problems() == []
 
 
-def test_data_args_without_datasets_installed(monkeypatch) -> None:
+def test_data_args_without_datasets_or_pyarrow_installed(tmp_path, monkeypatch) -> None:
     import importlib.util
 
+    parquet = write(tmp_path / "data.parquet", [as_messages(SINGLE_TURN)], "parquet")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    missing = {"datasets", "pyarrow"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     assert DataArgs(dataset="d").problems() == [
         "--data.dataset needs the datasets package: pip install 'lit-dropbp[datasets]'"]
+    assert DataArgs(train_file=parquet).problems() == [
+        f"--data.train_file {str(parquet)!r} is a Parquet file, which needs pyarrow: pip install pyarrow"]
 
 
 def test_a_run_trains_on_a_saved_dataset_of_conversations(tiny_checkpoint, tmp_path, datasets_cache, capsys) -> None:

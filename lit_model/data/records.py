@@ -37,6 +37,16 @@ PARQUET_MAGIC = b"PAR1"  # the first (and last) four bytes of every Parquet file
 Located = tuple[Any, Callable[[], str]]  # a raw record and where it is ("line 3"), computed only for an error
 
 
+class HubUnreachableError(ConnectionError):
+    """A Hub dataset asked for while offline: the user's to fix (lit_model.cli prints it as one line)."""
+
+
+def is_parquet(path: str | Path) -> bool:
+    """Whether a file is Parquet (by its first bytes, as the readers decide)."""
+    with open(path, "rb") as f:
+        return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
 def load_conversations(path: str | Path, format: str = "auto", max_json_bytes: int = MAX_JSON_ARRAY_BYTES
                        ) -> list[Conversation]:
     """Every record of a data file as a conversation.
@@ -123,9 +133,8 @@ def _located(path: Path, max_json_bytes: int) -> Iterator[Located]:
             f"{path} is {size / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory available, and "
             "its records are held in memory for training: use a subset of it (or a machine with more memory)."
         )
-    with open(path, "rb") as f:
-        if f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC:
-            return _parquet_records(path)
+    if is_parquet(path):
+        return _parquet_records(path)
     first = _first_character(path)
     if first is None:
         raise ValueError(f"{path} is empty; it needs a JSON list of records or one JSON object per line.")
@@ -187,13 +196,13 @@ def _dataset_rows(name: str, split: str) -> Any:
         raise FileNotFoundError(f"No dataset directory at {name!r} (and it is no Hub name, which is NAME or "
                                 "OWNER/NAME). A data file goes in --data.train_file instead.")
     if datasets.config.HF_HUB_OFFLINE:
-        raise ConnectionError(f"--data.dataset {name!r} is not a local directory, and the Hub is off (HF_HUB_OFFLINE "
-                              "is set): pass a directory written by save_to_disk, or go online.")
+        raise HubUnreachableError(f"--data.dataset {name!r} is not a local directory, and the Hub is off "
+                                  "(HF_HUB_OFFLINE is set): pass a directory written by save_to_disk, or go online.")
     try:
         return datasets.load_dataset(name, split=split, **no_code)
     except ConnectionError as e:
-        raise ConnectionError(f"--data.dataset {name!r} is not a local directory and the Hub cannot be reached "
-                              f"({e}): pass a directory written by save_to_disk, or go online.") from e
+        raise HubUnreachableError(f"--data.dataset {name!r} is not a local directory and the Hub cannot be reached "
+                                  f"({e}): pass a directory written by save_to_disk, or go online.") from e
 
 
 def _read_text(path: Path) -> str:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from lit_model.checkpoint_io import check_checkpoint_dir
 from lit_model.data.formats import FORMAT_CHOICES
+from lit_model.data.records import is_parquet
 from lit_model.errors import CorruptFileError
 from lit_model.peft.lora import LoRAConfig
 from lit_model.precision import canonical
@@ -192,6 +193,8 @@ class DataArgs:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 out.append(f"--data.{name} {str(path)!r} does not exist")
+            elif path is not None and is_parquet(path) and importlib.util.find_spec("pyarrow") is None:
+                out.append(f"--data.{name} {str(path)!r} is a Parquet file, which needs pyarrow: pip install pyarrow")
         if not 0.0 < self.val_split_fraction < 1.0:
             out.append(f"--data.val_split_fraction must be in (0, 1), got {self.val_split_fraction}")
         if self.format not in FORMAT_CHOICES:
