@@ -250,13 +250,16 @@ class PromptStyle:
                 f"message; got the roles {roles}. Merge consecutive messages of one role, or use the checkpoint's "
                 "chat template (--data.prompt_style chat_template)."
             )
-        first = self if system is None or system == self.system else replace(self, system=system)
+        # A style without a system slot (alpaca, plain) reads a system message as the start of the first request.
+        slotless = system is not None and "{system}" not in self.system_block
+        first = self if system is None or system == self.system or slotless else replace(self, system=system)
         later = replace(self, system="")
         pieces: list[tuple[str, bool]] = []
         for i, message in enumerate(turns):
             if message["role"] == "user":
                 style = first if i == 0 else later
-                pieces.append((style.apply(message["content"], message.get("input") or ""), False))
+                content = f"{system}\n\n{message['content']}" if slotless and i == 0 else message["content"]
+                pieces.append((style.apply(content, message.get("input") or ""), False))
             else:
                 pieces.append((message["content"], True))
         return pieces

@@ -380,3 +380,14 @@ def test_load_prompt_style_errors(tmp_path: Path, content: str, match: str) -> N
     (tmp_path / "prompt_style.yaml").write_text(content)
     with pytest.raises(ValueError, match=match):
         load_prompt_style(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["alpaca", "plain"])
+def test_a_system_message_under_a_style_without_a_system_slot_opens_the_first_request(name) -> None:
+    style = PROMPT_STYLES[name]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another."},
+                {"role": "assistant", "content": "Blue."}]
+    pieces = style._named_segments(messages)
+    assert pieces == [(style.apply("Be brief.\n\nName a colour."), False), ("Red.", True),
+                      (style.apply("Another."), False), ("Blue.", True)]
