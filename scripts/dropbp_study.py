@@ -274,8 +274,8 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def plot_mode(results: list[dict[str, Any]], mode: str, path: Path) -> Path:
-    """One figure per mode: smoothed training loss (lines) and validation loss (dots) against training time, one
-    panel per task, first seed."""
+    """One figure per mode: smoothed training loss (lines) and validation loss (dots) against training time (top)
+    and against steps (bottom), one column per task, for the seed with the most runs of that task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,23 +283,28 @@ def plot_mode(results: list[dict[str, Any]], mode: str, path: Path) -> Path:
 
     mine = [r for r in results if r["run"]["mode"] == mode]
     tasks = sorted({r["run"]["task"] for r in mine})
-    seed = min(r["run"]["seed"] for r in mine)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), dpi=110, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for r in sorted((r for r in mine if r["run"]["task"] == task and r["run"]["seed"] == seed),
-                        key=lambda r: (r["run"]["method"] != "baseline", r["run"]["method"], r["run"]["rate"])):
-            label = "rate 0" if r["run"]["method"] == "baseline" else f"{r['run']['method']} {r['run']['rate']:g}"
-            curve = smoothed(r["train"])
-            line, = ax.plot([c[2] for c in curve], [c[1] for c in curve], label=label, linewidth=1.4,
-                            linestyle="-" if r["run"]["method"] in ("baseline", "ours") else "--")
-            if r["val"]:
-                ax.plot([v[2] for v in r["val"]], [v[1] for v in r["val"]], "o", color=line.get_color(), markersize=3)
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel("loss (train: 10-step mean; dots: validation)")
-        ax.set_title(f"{mode}, {task} (seed {seed})")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(7 * len(tasks), 8.5), dpi=110, squeeze=False)
+    for col, task in enumerate(tasks):
+        runs = [r for r in mine if r["run"]["task"] == task]
+        seeds = [r["run"]["seed"] for r in runs]
+        seed = max(sorted(set(seeds)), key=seeds.count)
+        for row, (x, xlabel) in enumerate(((2, "training time (s)"), (0, "step"))):
+            ax = axes[row][col]
+            for r in sorted((r for r in runs if r["run"]["seed"] == seed),
+                            key=lambda r: (r["run"]["method"] != "baseline", r["run"]["method"], r["run"]["rate"])):
+                label = "rate 0" if r["run"]["method"] == "baseline" else f"{r['run']['method']} {r['run']['rate']:g}"
+                curve = smoothed(r["train"])
+                line, = ax.plot([c[x] for c in curve], [c[1] for c in curve], label=label, linewidth=1.4,
+                                linestyle="-" if r["run"]["method"] in ("baseline", "ours") else "--")
+                if r["val"]:
+                    ax.plot([v[x] for v in r["val"]], [v[1] for v in r["val"]], "o", color=line.get_color(),
+                            markersize=3)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("loss (train: 10-step mean; dots: validation)")
+            ax.set_title(f"{mode}, {task} (seed {seed})")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
