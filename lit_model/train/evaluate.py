@@ -42,8 +42,8 @@ def validate(s: Session) -> float:
 def complete(model: torch.nn.Module, tokenizer: Tokenizer, style: PromptStyle, conversation: Conversation,
              max_new_tokens: int, device: torch.device) -> str:
     """The greedy completion of a conversation's prompt: everything before its last assistant message."""
-    text = style.prompt_text(_prompt_part(conversation))
-    prompt = tokenizer.encode(text, bos=style.adds_bos, device=device, special=style.special_in_text)
+    # Encoded as training and chat encode a conversation (a named style's earlier answers end with EOS there too).
+    prompt = torch.tensor(style.prompt_ids(_prompt_part(conversation), tokenizer), device=device)
     budget = min(max_new_tokens, model.config.block_size - prompt.numel())
     if budget <= 0:
         return ""  # the prompt alone fills the context: nothing can be generated
