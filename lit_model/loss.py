@@ -143,7 +143,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         n_valid = valid.sum()
-        grads = _GradBuffers(hidden, weight, *ctx.needs_input_grad[:3], acc_dtype) if grad_in_forward else None
+        grads = (_GradBuffers(hidden, weight, *ctx.needs_input_grad[:3], acc_dtype, single=N <= chunk_size)
+                 if grad_in_forward else None)
         if grads is not None and not grads.any:
             grads = None
         scale = 1.0 / n_valid.clamp(min=1).to(acc_dtype)
@@ -154,12 +155,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 end = min(start + chunk_size, N)
                 h = hidden[start:end].to(mm_dtype)
                 logits = _chunk_logits(h, w, bias, acc_dtype)  # (n, V)
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
                 tgt = torch.where(valid[start:end], targets[start:end], 0)
                 target_logit = logits.gather(1, tgt[:, None]).squeeze(1)  # (n,)
+                # The logits become exp(logits - max) in place: the logsumexp and the softmax both come from it.
+                lse[start:end], inv_sum = _exp_shifted_(logits)
                 total += ((lse[start:end] - target_logit) * valid[start:end]).sum()
-                if grads is not None:  # the logits are not needed any more: they become their gradient in place
-                    grads.add_chunk(start, end, _logits_grad_(logits, lse[start:end], tgt, valid[start:end], scale),
+                if grads is not None:  # ... and then, in place, their gradient
+                    grads.add_chunk(start, end, _softmax_grad_(logits, inv_sum, tgt, valid[start:end], scale),
                                     h, w, mm_dtype)
         ctx.mm_dtype, ctx.chunk_size = mm_dtype, chunk_size
         ctx.grad_in_forward = grads is not None
@@ -199,10 +201,13 @@ class _GradBuffers:
     """The gradients of hidden, weight and bias being built chunk by chunk (None for inputs that need none)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
-                 acc_dtype: torch.dtype) -> None:
+                 acc_dtype: torch.dtype, single: bool = False) -> None:
         self.h = torch.empty_like(hidden) if need_h else None
-        # The weight gradient sums over all chunks: accumulate in float32, cast once at the end.
-        self.w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        # The weight gradient sums over all chunks: accumulated in float32 from the first chunk's product (no zeroed
+        # V x C buffer), cast once at the end. With one chunk there is nothing to sum: its product, which the matmul
+        # accumulated in float32 already, is the gradient, in the product's dtype as nn.Linear's would be.
+        self.need_w, self.single, self.acc_dtype = need_w, single, acc_dtype
+        self.w: Optional[torch.Tensor] = None
         self.b = torch.zeros(weight.size(0), dtype=acc_dtype, device=weight.device) if need_b else None
         self.any = need_h or need_w or need_b
 
@@ -214,15 +219,40 @@ class _GradBuffers:
         g_mm = g.to(mm_dtype)
         if self.h is not None:
             self.h[start:end] = (g_mm @ w).to(self.h.dtype)  # (n, C)
-        if self.w is not None:
-            self.w += (g_mm.t() @ h).to(self.w.dtype)  # (V, C)
+        if self.need_w:
+            product = g_mm.t() @ h  # (V, C)
+            if self.w is None:
+                self.w = product if self.single else product.to(self.acc_dtype)
+            else:
+                self.w += product  # into the float32 sum (an in-place add promotes, no copy of the product)
 
     def finish(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        if self.need_w and self.w is None:  # no chunk at all (an empty batch)
+            self.w = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device)
         return (
             self.h,
             self.w.to(weight.dtype) if self.w is not None else None,
             self.b.to(bias.dtype) if self.b is not None and bias is not None else None,
         )
+
+
+def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a chunk's logits (n, V), in place, into exp(logits - rowmax); return the rows' logsumexp and
+    1 / sum(exp(logits - rowmax)). The same arithmetic as torch.logsumexp, but the exponentials stay for the softmax
+    (torch.logsumexp allocates and discards them: on CPU it took 3x as long as this)."""
+    top = logits.amax(dim=-1)  # (n,)
+    sums = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # (n,), each >= 1
+    return top + sums.log(), sums.reciprocal()
+
+
+def _softmax_grad_(
+    exp_shifted: torch.Tensor, inv_sum: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`_logits_grad_` from what `_exp_shifted_` left: softmax = exp_shifted * inv_sum, in place, in one pass."""
+    ok = valid.to(exp_shifted.dtype) * scale
+    g = exp_shifted.mul_((inv_sum * ok)[:, None])
+    g[torch.arange(g.size(0), device=g.device), targets] -= ok
+    return g
 
 
 def _logits_grad_(
