@@ -1,7 +1,7 @@
 """DropBP convergence study on a real model: loss against steps and against training time, per method and rate.
 
     python scripts/fetch_smollm2.py                       # the real model, offline (SmolLM2-135M-Instruct, 30 layers)
-    python scripts/dropbp_study.py                        # the plan in STANDARD_PLAN (~90 min on a 2-core CPU)
+    python scripts/dropbp_study.py                        # the standard plan: 17 runs, ~2.5 h on one CPU core
     python scripts/dropbp_study.py --report_only true     # tables and plots from the runs done so far
 
 Every run is one fine-tuning job of lit_model.train (LoRA or full, on the digit tasks of lit_model.data.demo_tasks
@@ -10,7 +10,7 @@ skipped, so the study resumes where it stopped and can be extended run by run. T
 run with the rate-0 run of the same mode, task and seed: final validation loss, held-out exact match, training time
 (steps and calibration only: start-up and evaluation are reported apart) and the time to reach a target training
 loss (the baseline's smoothed loss halfway through its run). `OUT/report.md` holds the tables, `OUT/<mode>.png`
-the loss-against-time figures.
+the loss against time and against steps.
 """
 
 from __future__ import annotations
