@@ -151,3 +151,12 @@ def test_resuming_a_packed_run_without_packing_is_refused(tiny_checkpoint, tmp_p
         script.setup(checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "run2", data=data_args(tiny_checkpoint),
                      train=short_train(max_steps=4), eval=EvalArgs(interval=100, exact_match=0, max_new_tokens=2),
                      resume=str(tmp_path / "run" / "step-000001"))
+
+
+def test_a_packed_qlora_run_with_accumulation_learns(tiny_checkpoint, tmp_path) -> None:
+    # NF4 base, LoRA adapters, 2 micro-batches (bins) accumulated per step.
+    packed_run(tiny_checkpoint, tmp_path / "q", quantize="bnb.nf4",
+               train=short_train(max_steps=6, activation_checkpointing=1))
+    losses = logged_losses(tmp_path / "q")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in final_weights(tmp_path / "q").items())
