@@ -267,12 +267,19 @@ def write_demo_dataset(
     data_dir: Path, n_train: int = DEMO_N_TRAIN, n_val: int = DEMO_N_VAL, seed: int = DEMO_SEED
 ) -> tuple[Path, Path]:
     """Write `train.json` and `val.json` (lists of Alpaca records) into `data_dir`; returns their paths."""
+    return write_task_dataset(data_dir, make_demo_records, n_train, n_val, seed)
+
+
+def write_task_dataset(data_dir: Path, make_records: Callable[[int, int, str], list[dict[str, str]]], n_train: int,
+                       n_val: int, seed: int) -> tuple[Path, Path]:
+    """Write a generated task set's `train.json` and `val.json` (`make_records(n, seed, split)`) into `data_dir`,
+    each atomically and only when it changed; returns their paths."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, n in (("train", n_train), ("val", n_val)):
         path = data_dir / f"{split}.json"
-        _write_if_changed(path, json.dumps(make_demo_records(n, seed, split), indent=1))
+        _write_if_changed(path, json.dumps(make_records(n, seed, split), indent=1))
         paths.append(path)
     return paths[0], paths[1]
 

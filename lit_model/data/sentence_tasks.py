@@ -12,10 +12,10 @@ knowledge of those verbs' forms, not a memorised answer. Standard library only.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
+
+from lit_model.data.demo_tasks import write_task_dataset
 
 SENTENCE_SEED = 7
 SUBJECTS = ("The cat", "My brother", "The teacher", "A small dog", "Our neighbour", "The old man", "Her friend",
@@ -78,21 +78,4 @@ def make_sentence_records(n: int, seed: int = SENTENCE_SEED, split: str = "train
 def write_sentence_dataset(data_dir: Path, n_train: int = 2000, n_val: int = 150,
                            seed: int = SENTENCE_SEED) -> tuple[Path, Path]:
     """Write `train.json` and `val.json` into `data_dir`; returns their paths."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, n in (("train", n_train), ("val", n_val)):
-        path = data_dir / f"{split}.json"
-        _write_if_changed(path, json.dumps(make_sentence_records(n, seed, split), indent=1))
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write `text` atomically (a temporary file renamed into place), unless the file holds it already: several
-    processes of one run may write the same data set while others read it, and none may see a partial file."""
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return write_task_dataset(data_dir, make_sentence_records, n_train, n_val, seed)
