@@ -125,7 +125,7 @@ def test_defaults_precision_and_flush_are_kept(monkeypatch) -> None:
 
 
 def test_a_runs_hyperparameters_yaml_is_accepted_as_config(tmp_path: Path, monkeypatch, capsys) -> None:
-    from lit_model.train.state import _plain
+    from lit_model.train.fingerprint import plain
 
     script = load_script("finetune/lora.py")
     jobs = []
@@ -133,7 +133,7 @@ def test_a_runs_hyperparameters_yaml_is_accepted_as_config(tmp_path: Path, monke
     cli(monkeypatch, script.setup, "--train.learning_rate", "-1e-3", "--lora.r", "4", "--out_dir", str(tmp_path))
     first = jobs[-1]
     # What the training loop writes next to a checkpoint (training.save_checkpoint), from the job it ran.
-    hparams = {**_plain(first.hparams), "checkpoint_dir": str(Path(first.checkpoint_dir).resolve()),
+    hparams = {**plain(first.hparams), "checkpoint_dir": str(Path(first.checkpoint_dir).resolve()),
                "precision": "32-true", "mode": first.mode, "metrics": {"val_loss": 1.5}}
     hparams["train"]["an_old_setting"] = 1  # a key a later version no longer has
     (tmp_path / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))

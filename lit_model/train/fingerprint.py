@@ -43,13 +43,14 @@ def records_hash(records: Sequence[Mapping[str, Any]]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Arguments as plain data (YAML- and JSON-safe): dataclasses to dicts, paths to strings."""
     if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
+        return plain(asdict(value))
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -61,24 +62,24 @@ def run_fingerprint(
     max_seq_length: int, mask_prompt: bool, dropbp: Any, max_steps: int, packing: Optional[int] = None,
 ) -> dict[str, dict[str, Any]]:
     """{"identity": what must not change on resume, "schedule": what may, when the user allows it}."""
-    config = {k: v for k, v in _plain(model_config).items() if k not in ("name", "hf_repo")}  # labels, not shape
+    config = {k: v for k, v in plain(model_config).items() if k not in ("name", "hf_repo")}  # labels, not shape
     identity = {
         "base weights": weights_identity(base_weights),
         "model config": config,
         "mode": mode,
-        "lora": _plain(lora),
+        "lora": plain(lora),
         "quantize": quantize,
         "optimizer": optimizer,
-        "badam": _plain(badam) if optimizer != "adamw" else None,
+        "badam": plain(badam) if optimizer != "adamw" else None,
         # Not the micro-batch size: how a step is split over micro-batches and devices changes no result (tested),
         # and a run may resume on another number of devices.
         "global batch size": train.global_batch_size,
         "seed": seed,
         "training data": records_hash(records),
-        "prompt style": _plain(prompt_style),
+        "prompt style": plain(prompt_style),
         "max_seq_length": max_seq_length,
         "mask_prompt": mask_prompt,
-        "dropbp": _plain(dropbp),
+        "dropbp": plain(dropbp),
         "packing": packing,  # the token budget of a packed micro-batch, or None (padded rows)
     }
     schedule = {

@@ -5,7 +5,7 @@ live model, and the checks that a resume continues the same run into an output d
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +26,7 @@ from lit_model.train.dist import (
     optimizer_state,
     unwrap,
 )
-from lit_model.train.fingerprint import fingerprint_problems
+from lit_model.train.fingerprint import fingerprint_problems, plain
 from lit_model.train.session import Session
 
 
@@ -162,7 +162,7 @@ def save_checkpoint(s: Session, target: Path, state: Optional[dict[str, Any]] = 
         raw.config.save(tmp / "model_config.yaml")
         copy_support_files(job.checkpoint_dir, tmp)
         # Absolute base path and the resolved precision, so merge/generate work from any directory.
-        hparams = {**_plain(job.hparams), "checkpoint_dir": str(Path(job.checkpoint_dir).resolve()),
+        hparams = {**plain(job.hparams), "checkpoint_dir": str(Path(job.checkpoint_dir).resolve()),
                    "precision": job.precision, "mode": job.mode, "metrics": dict(s.metrics)}
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         save_prompt_style(s.prompt_style, tmp)
@@ -176,16 +176,3 @@ def save_checkpoint(s: Session, target: Path, state: Optional[dict[str, Any]] = 
         fabric.print(f"Saved {target}")
     fabric.barrier()
     return Path(target)
-
-
-def _plain(value: Any) -> Any:
-    """Make arguments YAML-safe: dataclasses to dicts, paths to strings."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
