@@ -11,7 +11,8 @@ import torch
 
 from lit_model.peft.checkpoint import load_any
 from lit_model.precision import autocast, canonical, default_precision, describe, param_dtype
-from lit_model.prompts import resolve_prompt_style
+from lit_model.model import GPT
+from lit_model.prompts import PromptStyle, resolve_prompt_style
 from lit_model.sampling import generate_tokens
 from lit_model.tokenizer import Tokenizer
 from lit_model.checkpoint_io import DEMO_CHECKPOINT
@@ -52,14 +53,7 @@ def main(
         device: cpu, cuda, cuda:N or auto.
         seed: random seed for sampling.
     """
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    precision = canonical(precision or default_precision(device=device))
-    print(describe(precision), file=sys.stderr)
-    model = load_any(checkpoint_dir, device=device, dtype=param_dtype(precision))
-    tokenizer = Tokenizer(checkpoint_dir)
-    style, source = resolve_prompt_style(prompt_style, checkpoint_dir, model.config.hf_repo or model.config.name,
-                                         for_generation=True)
-    print(f"Prompts: {source}", file=sys.stderr)
+    model, tokenizer, style, device, precision = load_for_generation(checkpoint_dir, prompt_style, precision, device)
     ids = tokenizer.encode(style.apply(prompt, input), bos=style.adds_bos, device=torch.device(device),
                            special=style.special_in_text)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -85,6 +79,22 @@ def main(
         print(f"{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s", file=sys.stderr)
         outputs.append(text)
     return outputs
+
+
+def load_for_generation(checkpoint_dir: Path, prompt_style: Optional[str], precision: Optional[str], device: str
+                        ) -> tuple[GPT, Tokenizer, PromptStyle, str, str]:
+    """What every generate script starts from: the device ("auto" resolved), the precision (its default for the
+    device), the model cast to it, the tokenizer and the prompt style; the precision and the style's source go to
+    stderr."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    precision = canonical(precision or default_precision(device=device))
+    print(describe(precision), file=sys.stderr)
+    model = load_any(checkpoint_dir, device=device, dtype=param_dtype(precision))
+    tokenizer = Tokenizer(checkpoint_dir)
+    style, source = resolve_prompt_style(prompt_style, checkpoint_dir, model.config.hf_repo or model.config.name,
+                                         for_generation=True)
+    print(f"Prompts: {source}", file=sys.stderr)
+    return model, tokenizer, style, device, precision
 
 
 if __name__ == "__main__":

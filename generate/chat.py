@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
+from base import load_for_generation  # generate/base.py: this script's directory is first on sys.path
 
 from lit_model.checkpoint_io import DEMO_CHECKPOINT
 from lit_model.cli import script_main
 from lit_model.model import GPT
-from lit_model.peft.checkpoint import load_any
-from lit_model.precision import autocast, canonical, default_precision, describe, param_dtype
-from lit_model.prompts import PromptStyle, resolve_prompt_style
+from lit_model.precision import autocast
+from lit_model.prompts import PromptStyle
 from lit_model.sampling import KVSession
 from lit_model.tokenizer import Tokenizer
 
@@ -248,14 +248,7 @@ def main(
         device: cpu, cuda, cuda:N or auto.
         seed: random seed for sampling.
     """
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    precision = canonical(precision or default_precision(device=device))
-    print(describe(precision), file=sys.stderr)
-    model = load_any(checkpoint_dir, device=device, dtype=param_dtype(precision))
-    tokenizer = Tokenizer(checkpoint_dir)
-    style, source = resolve_prompt_style(prompt_style, checkpoint_dir, model.config.hf_repo or model.config.name,
-                                         for_generation=True)
-    print(f"Prompts: {source}", file=sys.stderr)
+    model, tokenizer, style, device, precision = load_for_generation(checkpoint_dir, prompt_style, precision, device)
     chat = Chat(model, tokenizer, style, max_new_tokens, temperature, top_k, top_p, system, max_seq_length,
                 torch.Generator(device=device).manual_seed(seed), torch.device(device))
     try:
