@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,8 +38,7 @@ from lit_model.dropbp import DropBPHandler
 from lit_model.loss import head_loss
 from lit_model.precision import autocast, canonical
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark and peer modules
-import benchmark as bench  # noqa: E402
+import benchmark as bench  # scripts/benchmark.py: this script's directory is first on sys.path when run
 
 # A Llama-shaped model a single CPU core trains an epoch of in minutes; the matrix products still dominate.
 PACKING_MODEL = dict(name="bench-llama-small", n_layer=4, n_head=8, n_embd=512, n_query_groups=4,
