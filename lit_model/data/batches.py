@@ -93,6 +93,7 @@ class PackedBatchIterator:
         self.rank, self.world_size, self.micro_per_step = rank, world_size, micro_per_step
         self.epoch, self.position = 0, 0
         self._bins = self._pack(0)
+        self._first_epoch_bins = len(self._bins)
         if len(self._bins) < self.span:
             raise ValueError(f"{len(self.lengths)} samples pack into {len(self._bins)} micro-batches of {budget} "
                              f"tokens, fewer than one optimizer step takes ({self.span}): lower --data.pack_tokens "
@@ -110,7 +111,7 @@ class PackedBatchIterator:
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in an epoch (the first epoch's packing; later ones differ by a bin or so)."""
-        return len(self._pack(0)) // self.span
+        return self._first_epoch_bins // self.span
 
     def _pack(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
